@@ -1,0 +1,367 @@
+"""The machinery every training loop shares, written once.
+
+A loop (sft, online, preference, ...) is a `LoopSpec`: the modules it trains, their optimisers, a
+`step(step, generator) -> metrics` function and an optional `evaluate(step) -> metrics`. `run_loop`
+owns everything else: the run folder, the resolved config, seeding, the LR schedule, metrics,
+progress, periodic evaluation, checkpoints and resume, the final save and the report.
+
+Resume is exact because nothing random depends on hidden iterator state: every step draws its
+randomness from `step_generator(seed, step)`, and a checkpoint holds weights, optimiser and
+scheduler state, the global RNG states and the loop's own state (e.g. the adaptive KL coefficient).
+A run killed at any point restarts from its last checkpoint and replays the same steps bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if present) and torch; make torch kernels deterministic where cheap."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A torch.Generator that depends only on (seed, step, stream).
+
+    Loops draw data order and sampling noise from it, so step k of a resumed run sees exactly the
+    randomness of step k of an uninterrupted run without saving any iterator state.
+    """
+    g = torch.Generator()
+    # Large odd multipliers keep (seed, step, stream) triples apart.
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with the config's lr / betas / eps / weight decay."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    return torch.optim.AdamW(
+        trainable,
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at optimiser step `step` (0-based).
+
+    Linear warm-up over `warmup_steps`, then constant, linear decay to 0, or cosine decay to 0
+    at `total_steps`.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.schedule: unknown schedule {schedule!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_multiplier(
+            s, warmup_steps=optim.warmup_steps, total_steps=total_steps, schedule=optim.schedule
+        ),
+    )
+
+
+def clip_and_step(
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    grad_clip: float | None = None,
+) -> float:
+    """Clip the global grad norm (if asked), step, zero grads; return the pre-clip grad norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grad_clip is not None and grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        grad_norm = float(norm)
+    else:
+        grad_norm = 0.0
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def split_microbatches(n: int, n_micro: int) -> list[slice]:
+    """Split range(n) into `n_micro` contiguous, nearly equal slices (empty ones dropped)."""
+    n_micro = max(1, min(n_micro, n))
+    bounds = [round(i * n / n_micro) for i in range(n_micro + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class LoopSpec:
+    """What a loop hands to `run_loop`.
+
+    models:     name -> module, each checkpointed as one safetensors file; "policy" is also
+                written to final/ with save_pretrained at the end of the run.
+    optimizers: name -> optimiser; schedulers: name -> LR scheduler (same keys or a subset).
+    step:       step(step_index, generator) -> metrics (floats). Does its own backward/optimiser step.
+    evaluate:   evaluate(step_index) -> metrics, called every `eval.every` steps and at the end.
+    state:      loop state that must survive a resume (json-serialisable); read/written by
+                get_state / set_state.
+    """
+
+    models: dict[str, torch.nn.Module]
+    tokenizer: Any
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    step: Callable[[int, torch.Generator], dict[str, float]]
+    evaluate: Callable[[int], dict[str, float]] | None = None
+    get_state: Callable[[], dict] = field(default=lambda: {})
+    set_state: Callable[[dict], None] = field(default=lambda state: None)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2) -> Path:
+    """Write checkpoints/step-{step:08d}/ atomically (temp folder, fsync, rename); prune old ones.
+
+    Layout: {name}.safetensors for every module (policy, value, ...),
+    trainer_state.pt (optimisers, schedulers, RNG states), state.json (step, loop state).
+    """
+    from safetensors.torch import save_model
+
+    ckpt_root = Path(run_dir) / CHECKPOINT_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, module in spec.models.items():
+        # save_model de-duplicates tied tensors (embeddings / lm_head) and works the same for a
+        # plain transformers model, a PEFT-wrapped one or a value head.
+        save_model(module, str(tmp / f"{name}.safetensors"))
+    torch.save(
+        {
+            "optimizers": {k: o.state_dict() for k, o in spec.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in spec.schedulers.items()},
+            "rng": _rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    (tmp / "state.json").write_text(json.dumps({"step": step, "loop": spec.get_state()}))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp folders of a killed save are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
+
+
+def load_checkpoint(ckpt: Path, spec: LoopSpec) -> int:
+    """Restore modules, optimisers, schedulers, RNG and loop state; return the checkpoint's step."""
+    from safetensors.torch import load_model
+
+    ckpt = Path(ckpt)
+    for name, module in spec.models.items():
+        load_model(module, str(ckpt / f"{name}.safetensors"))
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    for k, o in spec.optimizers.items():
+        o.load_state_dict(trainer_state["optimizers"][k])
+    for k, s in spec.schedulers.items():
+        s.load_state_dict(trainer_state["schedulers"][k])
+    _set_rng_state(trainer_state["rng"])
+    state = json.loads((ckpt / "state.json").read_text())
+    spec.set_state(state.get("loop", {}))
+    return int(state["step"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def prepare_run_dir(config, resume: bool) -> Path:
+    """Create the run folder and write the resolved config (or check it exists on resume)."""
+    from psirl.train.config import save_resolved_config
+
+    run_dir = Path(config.output_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--resume: run folder {run_dir} does not exist")
+        return run_dir
+    if list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"output_dir {run_dir} already holds checkpoints; resume it with "
+            f"`psirl train --resume {run_dir}` or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(config, run_dir)
+    return run_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def run_loop(
+    config,
+    build: Callable[[Any, Path], LoopSpec],
+    *,
+    resume: bool = False,
+    summary_keys: tuple[str, ...] = ("loss",),
+    quiet: bool = False,
+) -> Path:
+    """Run a loop to `config.max_steps`: the one driver behind every `psirl train`.
+
+    Checkpoints every `config.checkpoint.every` steps and at the end; evaluates every
+    `config.eval.every` steps (and at step 0 and the end); logs metrics each step; writes
+    final/ (policy loadable with AutoModelForCausalLM.from_pretrained) and report.html.
+    """
+    from psirl.track.metrics import MetricsLogger, StepProgress, summary_line
+
+    run_dir = prepare_run_dir(config, resume)
+    seed_everything(config.seed)
+    spec = build(config, run_dir)
+
+    start = 0
+    if resume:
+        ckpts = list_checkpoints(run_dir)
+        if ckpts:
+            start = load_checkpoint(ckpts[-1], spec)
+    logger = MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=start if resume else None)
+    eval_every = config.eval.every
+
+    # SIGTERM -> checkpoint at the next step boundary, so a polite kill loses nothing.
+    stop_requested = {"flag": False}
+
+    def _on_term(signum, frame):  # noqa: ARG001
+        stop_requested["flag"] = True
+
+    previous = signal.signal(signal.SIGTERM, _on_term) if _in_main_thread() else None
+    try:
+        if start == 0 and spec.evaluate is not None and eval_every > 0:
+            logger.log(0, spec.evaluate(0))
+        with StepProgress(config.max_steps, description=f"{config.loop}", initial=start, disable=quiet) as progress:
+            for step in range(start, config.max_steps):
+                t0 = time.perf_counter()
+                metrics = dict(spec.step(step, step_generator(config.seed, step)))
+                metrics["time/step_s"] = time.perf_counter() - t0
+                for name, sched in spec.schedulers.items():
+                    metrics[f"lr/{name}"] = sched.get_last_lr()[0]
+                done = step + 1
+                if spec.evaluate is not None and eval_every > 0 and (
+                    done % eval_every == 0 or done == config.max_steps
+                ):
+                    metrics.update(spec.evaluate(done))
+                logger.log(done, metrics)
+                progress.advance(summary_line(done, metrics, summary_keys))
+                every = config.checkpoint.every
+                if (every > 0 and done % every == 0) or done == config.max_steps or stop_requested["flag"]:
+                    save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last)
+                if stop_requested["flag"]:
+                    break
+    finally:
+        logger.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    if not stop_requested["flag"]:
+        final = run_dir / FINAL_DIR
+        spec.models["policy"].save_pretrained(final, safe_serialization=True)
+        if spec.tokenizer is not None:
+            spec.tokenizer.save_pretrained(final)
+        from psirl.track.report import write_report
+
+        write_report(run_dir)
+    return run_dir
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
