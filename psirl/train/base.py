@@ -313,7 +313,9 @@ def run_loop(
         ckpts = list_checkpoints(run_dir)
         if ckpts:
             start = load_checkpoint(ckpts[-1], spec)
-    logger = MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=start if resume else None)
+    # On resume, drop metrics logged after the checkpoint (-1: no checkpoint yet, drop them all).
+    resume_from = (start if start > 0 else -1) if resume else None
+    logger = MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
     eval_every = config.eval.every
 
     # SIGTERM -> checkpoint at the next step boundary, so a polite kill loses nothing.

@@ -1,0 +1,366 @@
+"""What both sides of the benchmark share: shapes, the SFT warm start, timers, memory, FLOPs.
+
+Both libraries load the SAME model folder (built once by `prepare_checkpoint`: psirl's
+`make_tiny_model`, then a short plain-torch SFT on the addition task so rewards are not all zero),
+read the same prompts and score completions with the same task reward. Each library runs in its own
+subprocess (`run_worker`) so its peak RSS is its own.
+
+Memory is read from /proc/self/status (VmHWM, the kernel's peak resident set size); the peak is
+reset after imports and model loading where the kernel allows it (write "5" to
+/proc/self/clear_refs), so `peak_train_rss_mb` is the peak during training and `peak_rss_mb` the
+peak of the whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = ROOT / "runs" / "bench"
+THREADS = 2  # the same for both libraries (and for the matmul measurement)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark configuration (model size, batch, lengths, steps).
+
+    vocab_size=None: the character vocabulary of the task (a few dozen tokens); an int pads the
+    vocabulary with inert filler tokens up to that size (a realistic lm_head / softmax width).
+    sft_steps=0: no warm start (a random model; completions run to max_new_tokens).
+    """
+
+    name: str
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 768
+    vocab_size: int | None = None
+    tie_embeddings: bool = False
+    digits: int = 2
+    n_prompts: int = 8
+    group: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    beta: float = 0.04
+    lr: float = 1e-4
+    sft_steps: int = 150
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    steps: int = 15
+    warmup: int = 3
+    n_train: int = 2000
+    device: str = "cpu"
+    seed: int = 0
+
+
+SHAPES: dict[str, Shape] = {
+    # The issue's shape: tiny Qwen2 (4 layers, hidden 256, intermediate 768), char vocabulary.
+    "tiny": Shape(name="tiny"),
+    # A realistic vocabulary (32k) and long completions: a random model, so every completion runs
+    # the full 128 tokens in both libraries (EOS has probability ~1/32768 per token).
+    "vocab32k": Shape(name="vocab32k", vocab_size=32768, max_new_tokens=128, sft_steps=0,
+                      steps=6, warmup=1, n_prompts=4),
+    # GPU only: the Qwen2-0.5B shape, random weights, vocabulary 151936.
+    "qwen0.5b-gpu": Shape(name="qwen0.5b-gpu", hidden=896, layers=24, heads=14, kv_heads=2,
+                          intermediate=4864, vocab_size=151936, tie_embeddings=True,
+                          max_new_tokens=128, sft_steps=0, steps=10, warmup=2, device="cuda"),
+}
+
+
+# --------------------------------------------------------------------------- task
+
+
+def addition_task(digits: int):
+    """psirl's built-in addition task: prompts "23+58=", answers "81"."""
+    from psirl.data.tasks import AdditionTask
+
+    return AdditionTask(digits=digits)
+
+
+def task_reward(task, completion: str, record: dict) -> float:
+    """The task's own reward of one completion (the same function scores both libraries)."""
+    return float(task.reward(completion, record))
+
+
+def train_records(shape: Shape) -> list[dict]:
+    return addition_task(shape.digits).make(shape.n_train, seed=shape.seed)
+
+
+def eval_records(shape: Shape, n: int) -> list[dict]:
+    """The held-out prompts psirl's online loop evaluates on (psirl.train.setup.eval_records)."""
+    from psirl_grpo import psirl_config
+
+    from psirl.train.setup import eval_records as psirl_eval_records
+
+    config = psirl_config(shape, CACHE / "unused", max_steps=1, eval_every=1, eval_n=n)
+    return psirl_eval_records(config, addition_task(shape.digits))
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+def checkpoint_dir(shape: Shape) -> Path:
+    return CACHE / f"ckpt-{shape.name}"
+
+
+def prepare_checkpoint(shape: Shape, force: bool = False) -> Path:
+    """Build the shape's model folder once: make_tiny_model (+ filler vocab) + short SFT.
+
+    The folder is reused when its recorded shape matches; both libraries load it.
+    """
+    out = checkpoint_dir(shape)
+    stamp = out / "bench_shape.json"
+    if not force and stamp.exists() and json.loads(stamp.read_text()) == asdict(shape):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from psirl.models.tiny import make_tiny_model
+
+    task = addition_task(shape.digits)
+    examples = task.sft_examples(512, seed=shape.seed)
+    alphabet = "".join(sorted({ch for ex in examples for ch in ex["prompt"] + ex["completion"]}))
+    make_tiny_model(out, arch="qwen2", hidden_size=shape.hidden, num_layers=shape.layers,
+                    num_heads=shape.heads, intermediate_size=shape.intermediate, seed=shape.seed,
+                    alphabet=alphabet, num_kv_heads=shape.kv_heads,
+                    tie_word_embeddings=shape.tie_embeddings)
+    if shape.vocab_size is None and shape.sft_steps == 0:
+        stamp.write_text(json.dumps(asdict(shape)))
+        return out
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    if shape.vocab_size is not None:
+        n_fill = shape.vocab_size - len(tokenizer)
+        # Inert filler tokens: real vocabulary entries (decodable), never produced by encoding
+        # task text, so the model's lm_head and softmax have the realistic width.
+        tokenizer.add_tokens([f"<|f{i}|>" for i in range(n_fill)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(shape.seed)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            std = model.config.initializer_range
+            model.get_input_embeddings().weight.data.normal_(0.0, std)
+            if not shape.tie_embeddings:
+                model.get_output_embeddings().weight.data.normal_(0.0, std)
+    if shape.sft_steps > 0:
+        sft_warm_start(model, tokenizer, task.sft_examples(shape.n_train, seed=shape.seed + 1),
+                       steps=shape.sft_steps, batch=shape.sft_batch, lr=shape.sft_lr, seed=shape.seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    stamp.write_text(json.dumps(asdict(shape)))
+    return out
+
+
+def sft_warm_start(model, tokenizer, examples: list[dict], *, steps: int, batch: int, lr: float,
+                   seed: int) -> list[float]:
+    """Plain-torch SFT: NLL of completion + EOS given the prompt; returns the loss per step."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    enc = [(tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+           for ex in examples]
+    model.train()
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(len(enc), (batch,), generator=g).tolist()
+        width = max(len(enc[i][0]) + len(enc[i][1]) for i in idx)
+        ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros((batch, width), dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            p, c = enc[i]
+            seq = torch.tensor(p + c)
+            ids[row, : len(seq)] = seq
+            att[row, : len(seq)] = 1
+            labels[row, len(p) : len(seq)] = seq[len(p):]
+        lr_now = lr * min(1.0, (step + 1) / 10) * (1 - step / steps)  # short warm-up, linear decay
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task, records: list[dict], max_new_tokens: int,
+                    batch_size: int = 256) -> float:
+    """Held-out accuracy with greedy decoding (plain transformers generate): the shared yardstick."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        total += sum(task_reward(task, t, r) for t, r in zip(texts, chunk, strict=True))
+    tokenizer.padding_side = side
+    if was_training:
+        model.train()
+    return total / len(records)
+
+
+# --------------------------------------------------------------------------- timing, memory
+
+
+@dataclass
+class StepTimes:
+    """Per-step wall-clock seconds; the first `warmup` steps are excluded from the statistics."""
+
+    warmup: int
+    times: list[float] = field(default_factory=list)
+
+    def measured(self) -> list[float]:
+        return self.times[self.warmup:]
+
+    def median(self) -> float:
+        return statistics.median(self.measured())
+
+
+def read_status_kb(key: str) -> int:
+    """A field of /proc/self/status in kB (e.g. VmHWM, VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_mb() -> float:
+    return read_status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process since start or the last `reset_peak_rss`."""
+    try:
+        return read_status_kb("VmHWM") / 1024
+    except (OSError, KeyError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def set_threads() -> None:
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def model_flops_per_sequence(cfg, prompt_len: float, completion_len: float) -> float:
+    """Model FLOPs of one GRPO sample: generation, reference forward, policy forward + backward.
+
+    One forward over L = p + c tokens costs 2*N_body*L (matmuls of the transformer body)
+    + 2*layers*hidden*L^2 (causal attention scores and weighted sum) + 2*hidden*V*c (lm_head
+    on the completion positions only). Generation ~ one forward, the reference one, the policy's
+    forward + backward three: 5 forwards in all. Embedding lookups and norms are not counted.
+    """
+    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = h // heads
+    attn_proj = h * h + 2 * h * kv * head_dim + h * h  # q, k, v, o
+    mlp = 3 * h * inter
+    n_body = layers * (attn_proj + mlp)
+    length = prompt_len + completion_len
+    fwd = 2 * n_body * length + 2 * layers * h * length**2 + 2 * h * cfg.vocab_size * completion_len
+    return 5.0 * fwd
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """This machine's fp32 torch.matmul throughput (GFLOP/s) at `THREADS` threads, best of reps."""
+    set_threads()
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    for _ in range(3):
+        torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- machine, workers
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "psirl"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    mem_gb = None
+    try:
+        import psutil
+
+        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "threads": THREADS,
+            "python": platform.python_version(), "platform": platform.platform(), **versions}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
+    """Run benchmarks/<script> in a fresh interpreter; it writes its result JSON to --out."""
+    out = CACHE / f"result-{script.removesuffix('.py')}-{os.getpid()}-{time.monotonic_ns()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
+        return {"error": f"{script} exited with {proc.returncode}", "log_tail": tail, "cmd": cmd}
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2))

@@ -1,0 +1,173 @@
+"""Load validated records from JSONL, Parquet or a local `datasets` folder.
+
+``load_records(path, kind=...)`` is the one entry point; every problem is a DataError naming the
+file, the 1-based line (JSONL) or row (Parquet / datasets), and the field. Nothing is downloaded:
+a path that does not exist locally is an error. Record kinds and their fields are documented in
+psirl/data/schema.py; the reward sources they feed are those of
+../shared/reference/003_e8bd019fa090e190.txt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from psirl.data.errors import DataError
+from psirl.data.schema import KINDS, validate_record
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class RecordList(list):
+    """A ``list[dict]`` of records that also remembers where each came from.
+
+    ``locations[i]`` is ``"file:line"`` (JSONL) or ``"file: row n"`` (Parquet / datasets) of
+    ``self[i]``; ``source`` is the path. Used by check_prompt_lengths to name the offending line.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], locations: list[str], source: str):
+        super().__init__(records)
+        self.locations = locations
+        self.source = source
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", parsed_json)`` for every non-blank line; bad JSON -> DataError."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not valid UTF-8 ({error.reason})") from None
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{where}: invalid JSON: {error.msg} (column {error.colno})"
+                ) from None
+
+
+def _without_nulls(row: dict[str, Any]) -> dict[str, Any]:
+    # Columnar formats cannot express an absent field: a null there means "not present".
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read as Parquet: {error}") from None
+    row_number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_number += 1
+            yield f"{path}: row {row_number}", _without_nulls(row)
+
+
+def _iter_datasets_folder(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # datasets raises FileNotFoundError / ValueError variants
+        raise DataError(
+            f"{path}: not a dataset folder saved with Dataset.save_to_disk: {error}"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        available = ", ".join(sorted(loaded.keys()))
+        if split is None:
+            if len(loaded) != 1:
+                raise DataError(
+                    f"{path}: field 'split': this dataset folder has several splits "
+                    f"({available}); choose one with split=..."
+                )
+            split = next(iter(loaded.keys()))
+        if split not in loaded:
+            raise DataError(
+                f"{path}: field 'split': unknown split {split!r}; available splits: {available}"
+            )
+        dataset = loaded[split]
+        label = f"{path}[{split}]"
+    else:
+        if split is not None:
+            raise DataError(
+                f"{path}: field 'split': split={split!r} given but this folder holds a single "
+                f"Dataset without splits; leave split unset"
+            )
+        dataset = loaded
+        label = str(path)
+    for row_number, row in enumerate(dataset, start=1):
+        yield f"{label}: row {row_number}", _without_nulls(dict(row))
+
+
+def _iter_raw(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    if path.is_dir():
+        return _iter_datasets_folder(path, split)
+    suffix = path.suffix.lower()
+    if split is not None:
+        raise DataError(
+            f"{path}: field 'split': split={split!r} only applies to a `datasets` folder; "
+            f"a {suffix or 'plain'} file has no splits"
+        )
+    if suffix in JSONL_SUFFIXES:
+        return _iter_jsonl(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _iter_parquet(path)
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected JSONL "
+        f"({', '.join(JSONL_SUFFIXES)}), Parquet ({', '.join(PARQUET_SUFFIXES)}) or a folder "
+        f"saved with datasets' save_to_disk"
+    )
+
+
+def load_records(
+    path: str | Path,
+    *,
+    kind: str,
+    split: str | None = None,
+    limit: int | None = None,
+) -> RecordList:
+    """Read and validate records of ``kind`` from a local JSONL file, Parquet file or dataset folder.
+
+    Args:
+        path: ``*.jsonl`` / ``*.ndjson`` (one JSON object per line, blank lines skipped),
+            ``*.parquet``, or a folder written by ``Dataset.save_to_disk`` /
+            ``DatasetDict.save_to_disk``.
+        kind: "prompt" | "sft" | "preference" | "labelled" (schemas in psirl/data/schema.py).
+        split: for a DatasetDict folder, which split; may be omitted when it has exactly one.
+        limit: read at most this many records (the first ``limit``, in file order).
+
+    Returns:
+        RecordList (a ``list[dict]``): validated records, extra fields kept, numeric
+        ``answer`` values as strings; ``.locations[i]`` says where record i came from.
+
+    Raises:
+        DataError naming the file, line/row and field: missing file, bad JSON line, missing
+        field, wrong type, empty value, no records ("file has no records"), unknown split.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind: unknown record kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: must be a positive integer or None, got {limit!r}")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found (psirl reads local files only)")
+    records: list[dict[str, Any]] = []
+    locations: list[str] = []
+    for where, raw in _iter_raw(path, split):
+        records.append(validate_record(kind, raw, where))
+        locations.append(where)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        label = f"{path}[{split}]" if split is not None else str(path)
+        raise DataError(f"{label}: file has no records")
+    return RecordList(records, locations, str(path))

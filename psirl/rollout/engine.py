@@ -1,0 +1,24 @@
+"""The interface every generation engine implements (HFEngine, VLLMEngine)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+from .batch import RolloutBatch, SamplingParams
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Samples completions for the online loop and receives the trainer's new weights.
+
+    generate(prompts, params) -> RolloutBatch: ``params.n`` completions per prompt, rows of a
+        prompt consecutive, with behaviour log-probs of the sampled tokens under the
+        temperature-scaled softmax (top-p / top-k not applied to the log-probs).
+    sync(model) -> None: make the next ``generate`` sample from ``model``'s current weights.
+    """
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch: ...
+
+    def sync(self, model: nn.Module) -> None: ...

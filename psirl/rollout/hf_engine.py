@@ -1,0 +1,317 @@
+"""Batched sampling with transformers models and our own KV-cached decoding loop.
+
+Why not ``model.generate``: the online loop needs the behaviour log-probability of every sampled
+token (the denominator of the PPO / GRPO importance ratio, 002_51bc6b7a5ef2c181.txt), group
+bookkeeping and stop strings, and ``generate`` would need ``output_scores`` ([B, V] per step kept
+for the whole completion) plus a second pass to get them right. This loop:
+
+* prefills each distinct prompt ONCE (left-padded, position ids from the attention mask, only the
+  last position's logits computed), then repeats its KV cache ``n`` times for the group;
+* decodes one token per step for every unfinished row with a ``DynamicCache`` - one forward of
+  [rows, 1] tokens per step, no forward after the last token;
+* drops finished rows from the batch and the cache once a quarter of the rows are done, and stops
+  as soon as every row has finished;
+* runs under ``torch.inference_mode`` with the model in eval mode (restored afterwards).
+
+Behaviour log-probs are ``log softmax(z / temperature)[token]`` - the temperature-scaled
+distribution BEFORE top-p / top-k truncation (for greedy decoding, temperature 0, the plain T=1
+softmax). With top_p = 1 and top_k = 0 this is exactly the sampling distribution, and it equals
+``psirl.models.token_logprobs(model, ..., temperature=temperature)`` on the returned batch, so a
+single on-policy update needs no extra forward pass. With truncation the sampler's true
+probability differs by the renormalisation over the kept set; psirl, like TRL / verl / OpenRLHF,
+uses the untruncated temperature-scaled policy as pi_old.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from ..models.backbone import position_ids_from_mask, unwrap_peft
+from .batch import RolloutBatch, SamplingParams
+
+
+class HFEngine:
+    """Generation engine over a transformers ``*ForCausalLM`` (optionally PEFT-wrapped).
+
+    model: the trainer's model object itself (not a copy), so weights are always current.
+    tokenizer: its tokenizer (needs a pad or EOS token).
+    device: where prompts are placed; defaults to the model's device.
+    compact_finished: drop finished rows from the KV cache during decoding (faster when lengths
+        differ; results are identical up to floating-point summation order).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        device: str | torch.device | None = None,
+        *,
+        compact_finished: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.compact_finished = compact_finished
+        self.version = 0
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id for padding")
+        self.pad_token_id = int(pad)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._adds_bos = _tokenizer_adds_bos(tokenizer)
+
+    def sync(self, model: nn.Module) -> None:
+        """Record a new policy version. The HF engine samples from the trainer's own model object,
+        so new weights are already in place and nothing is copied; if a different object is passed
+        the engine switches to it (still no copy). ``self.version`` counts the syncs."""
+        if model is not self.model:
+            self.model = model
+        self.version += 1
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt. No special tokens are added except the tokenizer's BOS, when
+        the tokenizer normally prepends one and the text does not already start with it (so a
+        chat-templated prompt that contains BOS does not get two)."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        out = []
+        for i, ids in enumerate(encoded):
+            if self._adds_bos and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+            if not ids:
+                raise ValueError(f"prompts[{i}]: empty after tokenisation; at least one token is needed")
+            out.append(list(ids))
+        return out
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch:
+        """Sample ``params.n`` completions for each prompt; see ``RolloutBatch`` for the fields.
+
+        Row ``i * n + j`` is sample j of prompt i (group_ids = prompt_index = i). A row ends at
+        its first EOS token (kept, masked in) or when the decoded completion contains a stop
+        string (tokens kept, text cut before it), else after ``max_new_tokens`` (truncated=True).
+        """
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        model = unwrap_peft(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                decoded = self._decode(model, list(prompts), params)
+        finally:
+            model.train(was_training)
+        # Built outside inference mode: the batch's tensors feed autograd in the trainer.
+        return self._assemble(list(prompts), *decoded, params)
+
+    def _decode(self, model: nn.Module, prompts: list[str], params: SamplingParams) -> tuple:
+        """The sampling loop. Returns (prompt ids [N, P], prompt mask [N, P], n, completion ids
+        [B, T], behaviour log-probs [B, T], lengths [B], stopped [B]) as inference tensors."""
+        device = self.device
+        n = params.n
+        prompt_ids = self.encode_prompts(prompts)
+        n_prompts = len(prompt_ids)
+        prompt_len = max(len(ids) for ids in prompt_ids)
+        ids_p = torch.full((n_prompts, prompt_len), self.pad_token_id, dtype=torch.long)
+        mask_p = torch.zeros((n_prompts, prompt_len), dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            ids_p[i, prompt_len - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask_p[i, prompt_len - len(ids) :] = 1
+        ids_p, mask_p = ids_p.to(device), mask_p.to(device)
+
+        generator = torch.Generator(device=device)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        generator.manual_seed(seed)
+
+        # Prefill each distinct prompt once, then give every sample of the group its own copy.
+        cache = DynamicCache(config=model.config)
+        out = model(
+            input_ids=ids_p,
+            attention_mask=mask_p,
+            position_ids=position_ids_from_mask(mask_p),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :]
+        cache = out.past_key_values
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+        batch = n_prompts * n
+        attn = mask_p.repeat_interleave(n, dim=0)  # [rows, cols so far], rows = current batch rows
+        next_pos = attn.sum(-1)  # position of the next token of each current row
+
+        max_new = params.max_new_tokens
+        tokens_out = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logp_out = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # ended by EOS / stop string
+        rows = torch.arange(batch, device=device)  # original row of each current batch row
+        done = torch.zeros(batch, dtype=torch.bool, device=device)  # per current row
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        stop_window = max((len(s.encode("utf-8")) for s in params.stop), default=0) + 2
+
+        steps = 0
+        for t in range(max_new):
+            token, logp = _sample(logits, params, generator)
+            token = token.masked_fill(done, self.pad_token_id)
+            logp = logp.masked_fill(done, 0.0)
+            tokens_out[rows, t] = token
+            logp_out[rows, t] = logp
+            steps = t + 1
+
+            ended = ~done & torch.isin(token, eos)
+            if params.stop:
+                ended |= self._hit_stop(tokens_out, rows, ~done & ~ended, t, params.stop, stop_window)
+            if ended.any():
+                lengths[rows[ended]] = t + 1
+                stopped[rows[ended]] = True
+                done = done | ended
+            if bool(done.all()) or t == max_new - 1:
+                break
+
+            if self.compact_finished and int(done.sum()) * 4 >= len(rows):
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, token, attn, next_pos, done = rows[keep], token[keep], attn[keep], next_pos[keep], done[keep]
+
+            live = (~done).long()
+            attn = torch.cat([attn, live.unsqueeze(-1)], dim=1)
+            out = model(
+                input_ids=token.unsqueeze(-1),
+                attention_mask=attn,
+                position_ids=next_pos.unsqueeze(-1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            cache = out.past_key_values
+            next_pos = next_pos + live
+
+        return ids_p, mask_p, n, tokens_out[:, :steps], logp_out[:, :steps], lengths, stopped
+
+    def _hit_stop(
+        self,
+        tokens_out: torch.Tensor,
+        rows: torch.Tensor,
+        check: torch.Tensor,
+        t: int,
+        stop: tuple[str, ...],
+        window: int,
+    ) -> torch.Tensor:
+        """[rows] bool: which checked rows' decoded tail (last ``window`` tokens) contains a stop
+        string. A stop string is caught on the token that completes it, so any occurrence in the
+        tail is new."""
+        hit = torch.zeros_like(check)
+        idx = check.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            return hit
+        start = max(0, t + 1 - window)
+        tails = tokens_out[rows[idx], start : t + 1].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        flags = [any(s in text for s in stop) for text in texts]
+        hit[idx] = torch.tensor(flags, dtype=torch.bool, device=hit.device)
+        return hit
+
+    def _assemble(
+        self,
+        prompts: list[str],
+        ids_p: torch.Tensor,
+        mask_p: torch.Tensor,
+        n: int,
+        completion_ids: torch.Tensor,
+        logp: torch.Tensor,
+        lengths: torch.Tensor,
+        stopped: torch.Tensor,
+        params: SamplingParams,
+    ) -> RolloutBatch:
+        steps = completion_ids.shape[1]
+        completion_mask = (torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1))
+        completion_ids = completion_ids.masked_fill(~completion_mask, self.pad_token_id)
+        group_ids = torch.arange(len(prompts), device=lengths.device).repeat_interleave(n)
+        texts = self.tokenizer.batch_decode(
+            [ids[:length] for ids, length in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=torch.cat([ids_p.repeat_interleave(n, dim=0), completion_ids], dim=1),
+            attention_mask=torch.cat([mask_p.repeat_interleave(n, dim=0), completion_mask.long()], dim=1),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask.float(),
+            behaviour_logprobs=logp * completion_mask,
+            group_ids=group_ids,
+            prompt_index=group_ids.clone(),
+            truncated=~stopped,
+            prompt_len=ids_p.shape[1],
+            prompts=[p for p in prompts for _ in range(n)],
+            completions=[_cut_at_stop(text, params.stop) for text in texts],
+            pad_token_id=self.pad_token_id,
+        )
+
+
+def _sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [rows] and their behaviour log-probs [rows] float32 from logits [rows, V].
+
+    Greedy (temperature 0): argmax, log-prob under softmax(z). Otherwise scores = z / temperature,
+    log-prob = log_softmax(scores)[token], and the token is drawn from softmax(scores) restricted
+    to the top-k tokens (ties kept), then to the smallest prefix of the sorted distribution whose
+    mass reaches top_p (renormalised).
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        token = logits.argmax(-1)
+        return token, F.log_softmax(logits, -1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    scores = logits / params.temperature if params.temperature != 1.0 else logits
+    logp_all = F.log_softmax(scores, -1)
+    sample_scores = logp_all
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(sample_scores, params.top_k, dim=-1).values[:, -1:]
+        sample_scores = sample_scores.masked_fill(sample_scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = sample_scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop = mass_before >= params.top_p
+        drop[:, 0] = False
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        sample_scores = torch.full_like(sample_scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = sample_scores.softmax(-1)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (int or list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_config = getattr(unwrap_peft(model), "generation_config", None)
+    gen_eos = getattr(gen_config, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(int(i) for i in gen_eos)
+    if not ids:
+        raise ValueError("tokenizer / generation_config: no eos_token_id; generation could not stop")
+    return sorted(ids)
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` (default special tokens) starts with its BOS token."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos

@@ -1,0 +1,307 @@
+"""The online policy-gradient loop: every preset (REINFORCE ... CISPO) is knob values of this one step.
+
+    prompts -> engine.generate(n=G) -> rewards -> [dynamic sampling] -> [ref log-probs, KL]
+            -> advantages (core, one signature; GAE uses the critic) -> for epoch, minibatch:
+               token_logprobs -> core.objective.policy_loss (+ clipped value loss) -> step
+            -> engine.sync
+
+Nothing here knows which algorithm it runs: `OnlineKnobs` (psirl.algorithms) says which advantage
+estimator, ratio level, clip rule, aggregation and KL placement to use, and core/ implements each.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from psirl.algorithms import OnlineKnobs
+from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.aggregate import step_normaliser
+from psirl.core.filters import zero_signal_groups
+from psirl.core.kl import AdaptiveKLController, kl_estimate
+from psirl.core.masking import masked_mean
+from psirl.core.objective import policy_loss
+from psirl.core.value import clipped_value_loss, explained_variance
+from psirl.rollout.batch import RolloutBatch, SamplingParams
+from psirl.train.base import (
+    LoopSpec,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    run_loop,
+    split_microbatches,
+)
+from psirl.train.rewards import build_reward
+from psirl.train.setup import build_policy, build_task, eval_records
+
+SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s")
+
+
+def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Run the online loop with `config.algorithm` (a preset plus knob overrides)."""
+    return run_loop(config, build_online, resume=resume, quiet=quiet, summary_keys=SUMMARY_KEYS)
+
+
+def knobs_from_config(config) -> OnlineKnobs:
+    from psirl.train.config import resolve_algorithm
+
+    return resolve_algorithm(config)
+
+
+def load_prompt_records(config, task) -> list[dict]:
+    if config.data.train_path is not None:
+        from psirl.data.records import load_records
+
+        return load_records(config.data.train_path, kind="prompt", split=config.data.split)
+    if task is None:
+        raise ValueError("data: the online loop needs data.task or data.train_path")
+    return task.make(config.data.n_train, seed=config.seed)
+
+
+def sequence_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] sequence rewards -> [B, T] token rewards with R_i on the last response token of row i."""
+    token_rewards = torch.zeros_like(mask, dtype=torch.float32)
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    token_rewards[torch.arange(mask.shape[0]), last] = rewards.float()
+    return token_rewards
+
+
+def kl_reward_terms(behaviour_logp, ref_logp, mask, knobs) -> torch.Tensor:
+    """-β·KL placed in the reward: per token (REINFORCE++, PPO) or summed on the last token."""
+    kl = kl_estimate(behaviour_logp, ref_logp, knobs.loss.kl_estimator) * mask
+    if knobs.loss.kl_placement == "reward_token":
+        return -kl
+    # per sequence: the sequence's total KL lands where its reward does
+    return sequence_token_rewards(kl.sum(dim=1), mask) * -1.0
+
+
+def build_online(config, run_dir: Path) -> LoopSpec:
+    knobs = knobs_from_config(config)
+    sampling = knobs.sampling
+    model, tokenizer = build_policy(config, run_dir)
+    device = model.device
+    task = build_task(config)
+    records = load_prompt_records(config, task)
+    if config.data.max_prompt_tokens:
+        from psirl.data.records import check_prompt_lengths
+
+        check_prompt_lengths(records, tokenizer, config.data.max_prompt_tokens,
+                             config.data.train_path or f"task {config.data.task}")
+    reward_fn = build_reward(config, task)
+    eval_recs = eval_records(config, task)
+
+    from psirl.rollout.hf_engine import HFEngine
+
+    engine = HFEngine(model, tokenizer)
+    uses_kl = knobs.loss.kl_placement != "none" and (knobs.loss.kl_coef > 0 or knobs.kl_control.adaptive)
+    # The reference is a frozen copy of the initial policy: only built when the KL needs it.
+    ref_model = None
+    if uses_kl:
+        ref_model = copy.deepcopy(model).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    kl_ctl = AdaptiveKLController(knobs.loss.kl_coef, knobs.kl_control.target, knobs.kl_control.horizon)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, config.optim)
+    updates_per_step = sampling.epochs * sampling.minibatches
+    scheduler = build_scheduler(optimizer, config.optim, config.max_steps * updates_per_step)
+    models = {"policy": model}
+    optimizers = {"policy": optimizer}
+    schedulers = {"policy": scheduler}
+
+    value_model = None
+    if knobs.advantage.estimator == "gae":
+        from psirl.models.value import ValueModel
+
+        value_model = ValueModel.from_policy(model).to(device)
+        value_params = [p for p in value_model.parameters() if p.requires_grad]
+        models["value"] = value_model
+        optimizers["value"] = build_optimizer(value_params, config.optim)
+        schedulers["value"] = build_scheduler(optimizers["value"], config.optim,
+                                              config.max_steps * updates_per_step)
+
+    from psirl.models.logprobs import token_logprobs
+
+    def forward_logprobs(m, batch: RolloutBatch, with_entropy=False):
+        return token_logprobs(m, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
+                              temperature=max(sampling.temperature, 1e-6) if sampling.temperature > 0 else 1.0,
+                              with_entropy=with_entropy)
+
+    def sample(prompts_idx: list[int], seed: int) -> tuple[RolloutBatch, torch.Tensor, list[dict]]:
+        recs = [records[i] for i in prompts_idx]
+        params_ = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+                                 n=sampling.group_size, seed=seed)
+        batch = engine.generate([r["prompt"] for r in recs], params_)
+        per_sample = [recs[int(g)] for g in batch.group_ids]
+        rewards = torch.tensor(reward_fn(batch.prompts, batch.completions, per_sample), dtype=torch.float32)
+        return batch, rewards, per_sample
+
+    def collect(step_index: int, generator: torch.Generator):
+        """Sample `batch_size` prompts × G; with dynamic sampling, replace zero-signal groups."""
+        n_prompts = config.optim.batch_size
+        order = torch.randperm(len(records), generator=generator).tolist()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        batch, rewards, recs = sample(order[:n_prompts], seed)
+        stats = {"sampling/zero_signal_frac": float(zero_signal_groups(rewards, batch.group_ids).float().mean()),
+                 "sampling/resample_rounds": 0.0}
+        if not sampling.dynamic_sampling:
+            return batch, rewards, recs, stats
+        kept, kept_rewards, kept_recs = [], [], []
+        cursor, rounds, have = n_prompts, 0, 0
+        while True:
+            zero = zero_signal_groups(rewards, batch.group_ids)
+            keep_groups = (~zero).nonzero().flatten().tolist()[: n_prompts - have]
+            rows = [i for i, g in enumerate(batch.group_ids.tolist()) if g in set(keep_groups)]
+            if rows:
+                kept.append(batch.select(rows))
+                kept_rewards.append(rewards[rows])
+                kept_recs.extend(recs[i] for i in rows)
+                have += len(keep_groups)
+            if have >= n_prompts or rounds >= sampling.max_resample_rounds:
+                break
+            rounds += 1
+            need = n_prompts - have
+            nxt = [order[(cursor + k) % len(order)] for k in range(need)]
+            cursor += need
+            batch, rewards, recs = sample(nxt, seed + rounds)
+        stats["sampling/resample_rounds"] = float(rounds)
+        stats["sampling/kept_groups"] = float(have)
+        if not kept:  # every group had equal rewards even after the cap: nothing to learn this step
+            return None, None, None, stats
+        return RolloutBatch.cat(kept), torch.cat(kept_rewards), kept_recs, stats
+
+    def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
+        t0 = time.perf_counter()
+        model.eval()
+        batch, rewards, recs, metrics = collect(step_index, generator)
+        t_gen = time.perf_counter()
+        metrics["time/generate_s"] = t_gen - t0
+        if batch is None:
+            metrics["sampling/skipped_step"] = 1.0
+            return metrics
+        batch = batch.to(device)
+        rewards = rewards.to(device)
+        mask = batch.completion_mask
+        lengths = mask.sum(dim=1)
+        metrics.update({
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(batch.truncated.float().mean()),
+        })
+        metrics.update(getattr(reward_fn, "metrics", lambda: {})())
+
+        with torch.no_grad():
+            # One update on fresh samples: the engine's behaviour log-probs are the old log-probs.
+            old_logp = batch.behaviour_logprobs
+            ref_logp = forward_logprobs(ref_model, batch)[0] if ref_model is not None else None
+            token_rewards = sequence_token_rewards(rewards, mask)
+            beta = kl_ctl.value
+            if ref_logp is not None:
+                kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator)
+                metrics["kl/mean"] = float(masked_mean((old_logp - ref_logp), mask))
+                metrics[f"kl/{knobs.loss.kl_estimator}_mean"] = float(masked_mean(kl_tokens, mask))
+                if knobs.loss.kl_placement.startswith("reward"):
+                    token_rewards = token_rewards + beta * kl_reward_terms(old_logp, ref_logp, mask, knobs)
+            old_values = None
+            if value_model is not None:
+                old_values = value_model.values(batch.input_ids, batch.attention_mask, mask.shape[1])
+            advantages, returns = ADVANTAGE_ESTIMATORS[knobs.advantage.estimator](
+                token_rewards, mask, batch.group_ids, old_values,
+                gamma=knobs.advantage.gamma, lam=knobs.advantage.lam,
+            )
+        t_score = time.perf_counter()
+        metrics["time/score_s"] = t_score - t_gen
+
+        model.train()
+        loss_knobs = knobs.loss if ref_logp is not None else _without_kl(knobs.loss)
+        if loss_knobs.kl_placement == "loss":
+            loss_knobs = _with_coef(loss_knobs, beta)
+        sums: dict[str, float] = {}
+        grad_norms: list[float] = []
+        n_updates = 0
+        n = mask.shape[0]
+        for _epoch in range(sampling.epochs):
+            perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
+            for mb in split_microbatches(n, sampling.minibatches):
+                mb_rows = perm[mb]
+                # The normaliser of this optimiser step, computed once over all its micro-batches.
+                normaliser = step_normaliser(mask[mb_rows], loss_knobs.aggregation, loss_knobs.constant_normaliser)
+                v_norm = step_normaliser(mask[mb_rows], "token_mean")
+                for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
+                    rows = mb_rows[micro]
+                    sub = batch.select(rows)
+                    logp, entropy = forward_logprobs(model, sub, with_entropy=True)
+                    loss, lm = policy_loss(
+                        logp, old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
+                        ref_logp=ref_logp[rows] if ref_logp is not None else None,
+                        entropy=entropy,
+                    )
+                    loss.backward()
+                    lm["loss/policy"] = float(loss)
+                    if value_model is not None:
+                        values = value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
+                        vloss = knobs.value.vf_coef * clipped_value_loss(
+                            values, old_values[rows], returns[rows], mask[rows],
+                            knobs.value.value_clip, v_norm)
+                        vloss.backward()
+                        lm["loss/value"] = float(vloss)
+                    for k, v in lm.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n_updates += 1
+                grad_norms.append(clip_and_step(params, optimizer, scheduler, config.optim.grad_clip))
+                if value_model is not None:
+                    clip_and_step([p for p in value_model.parameters() if p.requires_grad],
+                                  optimizers["value"], schedulers["value"], config.optim.grad_clip)
+        metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if value_model is not None:
+            metrics["value/explained_variance"] = float(explained_variance(old_values, returns, mask))
+        t_learn = time.perf_counter()
+        metrics["time/learn_s"] = t_learn - t_score
+        n_tokens = float(mask.sum())
+        metrics["perf/tokens_per_s"] = n_tokens / max(t_learn - t0, 1e-9)
+
+        if uses_kl and knobs.kl_control.adaptive and "kl/mean" in metrics:
+            kl_ctl.update(metrics["kl/mean"], n)
+        metrics["kl/coef"] = kl_ctl.value
+        reset = knobs.kl_control.ref_reset_every
+        if ref_model is not None and reset > 0 and (step_index + 1) % reset == 0:
+            ref_model.load_state_dict(model.state_dict())
+            metrics["kl/ref_reset"] = 1.0
+        engine.sync(model)
+        return metrics
+
+    def evaluate(step_index: int) -> dict[str, float]:
+        if task is None or not eval_recs:
+            return {}
+        from psirl.train.evaluation import eval_metrics
+
+        return eval_metrics(model, tokenizer, eval_recs, task.reward,
+                            max_new_tokens=sampling.max_new_tokens, seed=config.seed,
+                            greedy=config.eval.greedy, sampled=config.eval.sampled)
+
+    return LoopSpec(
+        models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
+        step=step, evaluate=evaluate,
+        get_state=lambda: {"kl_coef": kl_ctl.value},
+        set_state=lambda s: kl_ctl.set_value(s["kl_coef"]) if "kl_coef" in s else None,
+    )
+
+
+def _without_kl(loss_knobs):
+    import dataclasses
+
+    return dataclasses.replace(loss_knobs, kl_placement="none", kl_coef=0.0)
+
+
+def _with_coef(loss_knobs, coef: float):
+    import dataclasses
+
+    return dataclasses.replace(loss_knobs, kl_coef=coef)

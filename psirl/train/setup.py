@@ -1,0 +1,107 @@
+"""Building what a loop needs from its config: the policy, the data, the reward. Shared by all loops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from psirl.train.base import resolve_device
+
+INIT_MODEL_DIR = "init_model"
+
+
+def build_policy(config, run_dir: Path):
+    """(model, tokenizer) on the config's device/dtype, with LoRA applied if configured.
+
+    `model.tiny` builds a fresh tiny model inside the run folder (so the run is self-contained and
+    a resume finds the same initial weights); `model.path` loads a local folder (safetensors only).
+    """
+    from psirl.models.loading import load_policy
+
+    path = policy_path(config, run_dir)
+    model, tokenizer = load_policy(path, device=str(resolve_device(config.device)), dtype=config.dtype)
+    if config.model.lora is not None:
+        from psirl.models.lora import apply_lora
+
+        lora = config.model.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                           target_modules=lora.target_modules)
+    model.train()
+    return model, tokenizer
+
+
+def policy_path(config, run_dir: Path) -> Path:
+    """Folder of the initial policy; builds the tiny model on first use."""
+    if config.model.path is not None:
+        return Path(config.model.path)
+    from psirl.models.tiny import make_tiny_model
+
+    out = Path(run_dir) / INIT_MODEL_DIR
+    if not (out / "config.json").exists():
+        tiny = config.model.tiny
+        make_tiny_model(
+            out,
+            arch=tiny.arch,
+            hidden_size=tiny.hidden_size,
+            num_layers=tiny.num_layers,
+            num_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            seed=config.seed,
+        )
+    return out
+
+
+def build_task(config):
+    """The built-in task named by `data.task`, or None when the data comes from files."""
+    if config.data.task is None:
+        return None
+    from psirl.data.tasks import get_task
+
+    return get_task(config.data.task, **config.data.task_kwargs)
+
+
+def eval_records(config, task) -> list[dict]:
+    """Held-out prompts: from `data.eval_path`, else from the task's held-out seed range."""
+    if config.data.eval_path is not None:
+        from psirl.data.records import load_records
+
+        return load_records(config.data.eval_path, kind="prompt", limit=config.eval.n)
+    if task is None:
+        return []
+    # Held-out prompts come from a seed range disjoint from training (see tasks.make).
+    return task.make(config.eval.n, seed=10_000 + config.seed)
+
+
+def encode_texts(tokenizer, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+    """Token ids of each text, without special tokens (optionally with EOS appended)."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if add_eos:
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(ids)
+    return out
+
+
+def pad_prompt_completion(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout shared with `RolloutBatch`: prompts LEFT-padded to P, completions RIGHT-padded to T.
+
+    Returns input_ids [B, P+T] long, attention_mask [B, P+T] long, completion_mask [B, T] float32.
+    Keeping one layout means `token_logprobs(..., n_completion=T)` serves SFT, RL and preferences.
+    """
+    b = len(prompts)
+    p = max(len(x) for x in prompts)
+    t = max(len(x) for x in completions)
+    input_ids = torch.full((b, p + t), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, p + t), dtype=torch.long)
+    completion_mask = torch.zeros((b, t), dtype=torch.float32)
+    for i, (pr, co) in enumerate(zip(prompts, completions, strict=True)):
+        input_ids[i, p - len(pr) : p] = torch.tensor(pr, dtype=torch.long)
+        attention_mask[i, p - len(pr) : p] = 1
+        input_ids[i, p : p + len(co)] = torch.tensor(co, dtype=torch.long)
+        attention_mask[i, p : p + len(co)] = 1
+        completion_mask[i, : len(co)] = 1.0
+    return input_ids, attention_mask, completion_mask
