@@ -58,7 +58,7 @@ class Shape:
     temperature: float = 1.0
     beta: float = 0.04
     lr: float = 1e-4
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_batch: int = 64
     sft_lr: float = 3e-3
     steps: int = 15

@@ -58,7 +58,7 @@ from psirl.core.masking import (
 )
 from psirl.core.objective import policy_loss
 from psirl.core.ratio import RATIO_LEVELS, importance_log_ratio, importance_ratio
-from psirl.core.value import clipped_value_loss, explained_variance
+from psirl.core.value import clipped_value_loss, explained_variance, value_clip_fraction
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -106,5 +106,6 @@ __all__ = [
     "threshold_keep",
     "token_counts",
     "top_k_per_group",
+    "value_clip_fraction",
     "zero_signal_groups",
 ]

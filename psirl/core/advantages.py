@@ -196,14 +196,16 @@ def batch_whiten_advantages(
     lam: float = 1.0,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """Batch whitening (REINFORCE++ with advantage normalisation across the batch).
+    """Batch whitening: REINFORCE++'s batch-mean baseline, also divided by the batch std.
 
     A_{i,t} = (G_{i,t} - mean_j G_{j,0}) / (std_j G_{j,0} + eps),  std = sample std (Bessel)
 
     A batch whose total returns are all equal (to rounding) has no signal: its advantages are
     exactly 0 (never NaN, never (rounding error)/eps).
     Reference: ../shared/reference/000_7914f6881bc4a22c.txt (REINFORCE++, batch statistics over
-    the full batch of diverse prompts).
+    the full batch of diverse prompts), ../shared/reference/002_51bc6b7a5ef2c181.txt (std
+    scaling, here batch-wide instead of per group). The REINFORCE++ preset uses batch_mean,
+    which is what 000 writes; this is the normalised variant.
     """
     m = _check(token_rewards, mask, group_ids)
     rtg = reward_to_go(token_rewards, m, gamma)

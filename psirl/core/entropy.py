@@ -27,6 +27,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     p = torch.softmax(z, dim=-1)
-    # p * z is 0 * -inf = NaN for masked-out vocabulary entries; those contribute 0.
-    pz = torch.where(p > 0, p * z, torch.zeros_like(z))
-    return (torch.logsumexp(z, dim=-1) - pz.sum(dim=-1)).to(logits.dtype)
+    # p * z is 0 * -inf = NaN for masked-out vocabulary entries (in value and gradient);
+    # those entries contribute 0, so replace z there before multiplying.
+    z_safe = torch.where(p > 0, z, torch.zeros_like(z))
+    return (torch.logsumexp(z, dim=-1) - (p * z_safe).sum(dim=-1)).to(logits.dtype)

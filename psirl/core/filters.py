@@ -28,7 +28,7 @@ def zero_signal_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
     zero_g = ( max_{i in g} R_i - min_{i in g} R_i <= 8 * eps_dtype * max_{i in g} |R_i| )
 
     "Equal" allows a few ulps of spread (eps_dtype = machine epsilon of the rewards' dtype) so
-    that totals summed in different orders (e.g. 1.0 - 0.1 - 0.2 vs 1.0 - 0.3) still count as
+    that totals summed in different orders (e.g. 1.0 - 0.2 - 0.1 vs 1.0 - 0.3) still count as
     equal: a 1e-16 spread is rounding, and dividing by it would blow GRPO's advantages up.
 
     rewards: [B] float; group_ids: [B] long. Returns bool [n_groups], one entry per distinct

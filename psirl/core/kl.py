@@ -146,15 +146,15 @@ class AdaptiveKLController:
 
     The coefficient grows when the measured KL is above target and shrinks when below; the
     clip bounds a single update to a factor within [1 - 0.2 K_beta, 1 + 0.2 K_beta].
-    init: starting beta (> 0); target: KL_target (> 0, nats per sequence or per token, as
+    init: starting beta (>= 0; 0 stays 0, i.e. no KL); target: KL_target (> 0, nats per sequence or per token, as
     measured by the caller); horizon: steps over which errors are integrated (> 0).
     Reference: ../shared/reference/001_dd55e9af3bef0bfc.txt (PPO-KLPEN: "the algorithm quickly
     adjusts it"); Ziegler et al. 2019 for the proportional controller.
     """
 
     def __init__(self, init: float, target: float, horizon: int) -> None:
-        if not init > 0:
-            raise ValueError(f"AdaptiveKLController.init must be > 0, got {init!r}")
+        if not init >= 0:
+            raise ValueError(f"AdaptiveKLController.init must be >= 0, got {init!r}")
         if not target > 0:
             raise ValueError(f"AdaptiveKLController.target must be > 0, got {target!r}")
         if not horizon > 0:

@@ -91,7 +91,8 @@ def masked_whiten(
     w = (x - mean) / sqrt(var + eps) + mean     (shift_mean=False: rescale only)
 
     x: float tensor; mask: same shape. Returns the same shape; 0 where mask is 0.
-    Reference: ../shared/reference/000_7914f6881bc4a22c.txt (REINFORCE++ batch normalisation).
+    Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (std normalisation: "the std-
+    normalization rescales it"), applied here over whatever the mask selects.
     """
     m = _as_mask(mask, x)
     mean = masked_mean(x, m)

@@ -88,41 +88,49 @@ def policy_loss(
     )
     pg_loss = aggregate_loss(per_token, m, mode, normaliser)
     loss = pg_loss
-    metrics: dict[str, float] = {"pg_loss": float(pg_loss.item())}
+    # Metric tensors are gathered and moved to the host once (one device sync, not a dozen).
+    stats: dict[str, Tensor] = {"pg_loss": pg_loss.detach()}
 
     kl_tok = None
     if ref_logp is not None:
-        kl_tok = kl_estimate(logp, ref_logp.to(logp.dtype).detach(), _knob(knobs, "kl_estimator", "k3"))
-        metrics["kl_mean"] = float(masked_mean(kl_tok.detach(), m).item())
+        ref = ref_logp.to(logp.dtype).detach()
+        kl_tok = kl_estimate(logp, ref, _knob(knobs, "kl_estimator", "k3"))
+        stats["kl_mean"] = masked_mean(kl_tok.detach(), m)
     kl_loss = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if placement == "loss" and beta != 0.0:
         if kl_tok is None:
             raise ValueError("knobs.kl_placement == 'loss' with kl_coef > 0 needs ref_logp [B, T]")
         kl_loss = aggregate_loss(kl_tok, m, mode, normaliser)
         loss = loss + beta * kl_loss
-    metrics["kl_loss"] = float(kl_loss.item())
+    stats["kl_loss"] = kl_loss.detach()
 
     entropy_loss = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if entropy is not None:
-        metrics["entropy_mean"] = float(masked_mean(entropy.detach().to(logp.dtype), m).item())
+        stats["entropy_mean"] = masked_mean(entropy.detach().to(logp.dtype), m)
         if entropy_coef != 0.0:
             entropy_loss = aggregate_loss(entropy.to(logp.dtype), m, mode, normaliser)
             loss = loss - entropy_coef * entropy_loss
     elif entropy_coef != 0.0:
         raise ValueError("knobs.entropy_coef != 0 needs `entropy` [B, T]")
-    metrics["entropy_loss"] = float(entropy_loss.item())
+    stats["entropy_loss"] = entropy_loss.detach()
 
     on = m > 0
     r = ratio.detach()
-    n_tok = int(on.sum().item())
     for key, name in (
         ("clipped_low", "clip_frac_low"),
         ("clipped_high", "clip_frac_high"),
         ("clipped_dual", "clip_frac_dual"),
     ):
-        metrics[name] = float(masked_mean(clip_masks[key].to(logp.dtype), m).item())
-    metrics["ratio_mean"] = float(masked_mean(r, m).item())
-    metrics["ratio_min"] = float(r[on].min().item()) if n_tok else 1.0
-    metrics["ratio_max"] = float(r[on].max().item()) if n_tok else 1.0
-    metrics["loss"] = float(loss.item())
+        stats[name] = masked_mean(clip_masks[key].to(logp.dtype), m)
+    # Ratio statistics over response tokens; a micro-batch without any reports 1 (no change).
+    one, any_token = torch.ones((), dtype=r.dtype, device=r.device), on.any()
+    r_min = torch.where(on, r, torch.full_like(r, float("inf"))).amin()
+    r_max = torch.where(on, r, torch.full_like(r, float("-inf"))).amax()
+    stats["ratio_mean"] = torch.where(any_token, masked_mean(r, m), one)
+    stats["ratio_min"] = torch.where(any_token, r_min, one)
+    stats["ratio_max"] = torch.where(any_token, r_max, one)
+    stats["loss"] = loss.detach()
+    names = list(stats)
+    values = torch.stack([stats[k].to(torch.float64).reshape(()) for k in names]).tolist()
+    metrics = dict(zip(names, values, strict=True))
     return loss, metrics

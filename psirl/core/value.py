@@ -17,7 +17,25 @@ from torch import Tensor
 from psirl.core.aggregate import aggregate_loss
 from psirl.core.masking import masked_mean, masked_var
 
-__all__ = ["clipped_value_loss", "explained_variance"]
+__all__ = ["clipped_value_loss", "explained_variance", "value_clip_fraction"]
+
+
+def _per_token_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float | None
+) -> tuple[Tensor, Tensor]:
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError(
+            f"values {tuple(values.shape)}, old_values {tuple(old_values.shape)}, returns "
+            f"{tuple(returns.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
+        )
+    target = returns.detach().to(values.dtype)
+    unclipped = (values - target) ** 2
+    if clip_eps is None:
+        return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    old = old_values.detach().to(values.dtype)
+    v_clip = old + torch.clamp(values - old, -clip_eps, clip_eps)
+    clipped = (v_clip - target) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def clipped_value_loss(
@@ -28,7 +46,7 @@ def clipped_value_loss(
     clip_eps: float | None,
     normaliser: float,
     mode: str = "token_mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> Tensor:
     """PPO's clipped value loss, aggregated like the policy loss.
 
     l_t = 0.5 * max( (V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps, eps) - G_t)^2 )
@@ -37,32 +55,25 @@ def clipped_value_loss(
 
     values: [B, T] float (critic output, requires grad); old_values: [B, T] (critic at rollout
     time); returns: [B, T] targets G_t (e.g. from ``gae_advantages``); mask: [B, T] 0/1;
-    normaliser: from ``step_normaliser`` for ``mode``.
-    Returns (loss 0-d tensor, {"vf_clip_frac": fraction of tokens whose clipped term was
-    the max and differed, "value_mean": masked mean of V}).
+    normaliser: from ``step_normaliser`` for ``mode``. Returns a 0-d tensor.
     Reference: ../shared/reference/000_7914f6881bc4a22c.txt (critic loss).
     """
-    if not (values.shape == old_values.shape == returns.shape == mask.shape):
-        raise ValueError(
-            f"values {tuple(values.shape)}, old_values {tuple(old_values.shape)}, returns "
-            f"{tuple(returns.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
-        )
-    target = returns.detach().to(values.dtype)
-    unclipped = (values - target) ** 2
-    if clip_eps is None:
-        per_token = 0.5 * unclipped
-        clipped_frac = 0.0
-    else:
-        old = old_values.detach().to(values.dtype)
-        v_clip = old + torch.clamp(values - old, -clip_eps, clip_eps)
-        clipped = (v_clip - target) ** 2
-        per_token = 0.5 * torch.maximum(unclipped, clipped)
-        clipped_frac = float(masked_mean((clipped > unclipped).to(values.dtype), mask).item())
-    loss = aggregate_loss(per_token, mask, mode, normaliser)
-    return loss, {
-        "vf_clip_frac": clipped_frac,
-        "value_mean": float(masked_mean(values.detach(), mask).item()),
-    }
+    per_token, _ = _per_token_value_loss(values, old_values, returns, mask, clip_eps)
+    return aggregate_loss(per_token, mask, mode, normaliser)
+
+
+def value_clip_fraction(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float | None
+) -> float:
+    """Fraction of response tokens where the clipped value term is the larger (flat) one.
+
+    frac = mean_t m_t [ (V_clip,t - G_t)^2 > (V_t - G_t)^2 ]     (0 when clip_eps is None)
+
+    Shapes as ``clipped_value_loss``. Returns a Python float.
+    Reference: ../shared/reference/000_7914f6881bc4a22c.txt (critic loss).
+    """
+    _, clipped = _per_token_value_loss(values, old_values, returns, mask, clip_eps)
+    return float(masked_mean(clipped.to(torch.float32), mask.to(torch.float32)).item())
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Data layer: records from JSONL / Parquet / `datasets` folders, chat templates, synthetic tasks."""
+"""Data layer: records from JSONL / Parquet / `datasets` folders, chat templates, tasks."""
 
 from psirl.data.errors import DataError
 from psirl.data.expression import ExpressionError, ParsedExpression, parse_expression
@@ -6,6 +6,7 @@ from psirl.data.lengths import check_prompt_lengths, prompt_token_count
 from psirl.data.records import RecordList, load_records
 from psirl.data.schema import KINDS, validate_record
 from psirl.data.tasks import (
+    HELD_OUT_SEED,
     TASKS,
     AdditionTask,
     CountdownTask,
@@ -17,6 +18,7 @@ from psirl.data.tasks import (
 from psirl.data.templates import render_prompt, render_sft_example
 
 __all__ = [
+    "HELD_OUT_SEED",
     "KINDS",
     "TASKS",
     "AdditionTask",

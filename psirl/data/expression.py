@@ -77,9 +77,11 @@ class _Parser:
             self.pos += 1
             return value
         start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos].isascii() and self.text[
-            self.pos
-        ].isdigit():
+        while (
+            self.pos < len(self.text)
+            and self.text[self.pos].isascii()
+            and self.text[self.pos].isdigit()
+        ):
             self.pos += 1
         if start == self.pos:
             found = repr(char) if char else "end of input"

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from psirl.data.errors import DataError
+from psirl.data.lengths import check_prompt_lengths
 from psirl.data.schema import KINDS, validate_record
+
+__all__ = ["RecordList", "check_prompt_lengths", "load_records"]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -72,38 +75,56 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}: row {row_number}", _without_nulls(row)
 
 
-def _iter_datasets_folder(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
-    import datasets
-
+def _saved_without_rows(folder: Path) -> bool:
+    """True for a Dataset saved with no rows (no data files; datasets cannot reload it)."""
     try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as error:  # datasets raises FileNotFoundError / ValueError variants
-        raise DataError(
-            f"{path}: not a dataset folder saved with Dataset.save_to_disk: {error}"
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        available = ", ".join(sorted(loaded.keys()))
-        if split is None:
-            if len(loaded) != 1:
-                raise DataError(
-                    f"{path}: field 'split': this dataset folder has several splits "
-                    f"({available}); choose one with split=..."
-                )
-            split = next(iter(loaded.keys()))
-        if split not in loaded:
-            raise DataError(
-                f"{path}: field 'split': unknown split {split!r}; available splits: {available}"
-            )
-        dataset = loaded[split]
-        label = f"{path}[{split}]"
-    else:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
+def _choose_split(path: Path, split: str | None) -> tuple[Path, str]:
+    """(folder of the chosen split, label for messages) of a dataset folder."""
+    dict_file = path / "dataset_dict.json"
+    if not dict_file.exists():
         if split is not None:
             raise DataError(
                 f"{path}: field 'split': split={split!r} given but this folder holds a single "
                 f"Dataset without splits; leave split unset"
             )
-        dataset = loaded
-        label = str(path)
+        return path, str(path)
+    try:
+        splits = list(json.loads(dict_file.read_text(encoding="utf-8"))["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{dict_file}: field 'splits': unreadable ({error})") from None
+    available = ", ".join(sorted(splits))
+    if split is None:
+        if len(splits) != 1:
+            raise DataError(
+                f"{path}: field 'split': this dataset folder has several splits "
+                f"({available}); choose one with split=..."
+            )
+        split = splits[0]
+    if split not in splits:
+        raise DataError(
+            f"{path}: field 'split': unknown split {split!r}; available splits: {available}"
+        )
+    return path / split, f"{path}[{split}]"
+
+
+def _iter_datasets_folder(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    folder, label = _choose_split(path, split)
+    if _saved_without_rows(folder):
+        return
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as error:  # datasets raises FileNotFoundError / ValueError variants
+        raise DataError(
+            f"{folder}: not a dataset folder saved with Dataset.save_to_disk: {error}"
+        ) from None
     for row_number, row in enumerate(dataset, start=1):
         yield f"{label}: row {row_number}", _without_nulls(dict(row))
 
@@ -135,7 +156,7 @@ def load_records(
     split: str | None = None,
     limit: int | None = None,
 ) -> RecordList:
-    """Read and validate records of ``kind`` from a local JSONL file, Parquet file or dataset folder.
+    """Read and validate records of ``kind`` from a local JSONL / Parquet file or dataset folder.
 
     Args:
         path: ``*.jsonl`` / ``*.ndjson`` (one JSON object per line, blank lines skipped),

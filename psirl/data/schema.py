@@ -9,7 +9,8 @@ Kinds and fields (extra fields are kept, e.g. ``answer``, ``tests``, ``numbers``
 
 ``Prompt`` and ``Text`` are either a plain non-empty string or a conversational list of
 ``{"role": str, "content": str}`` messages. The reward sources these records feed (verifiable
-answers, preference pairs, labelled samples) are those of ../shared/reference/003_e8bd019fa090e190.txt.
+answers, preference pairs, labelled samples) are those of
+../shared/reference/003_e8bd019fa090e190.txt.
 """
 
 from __future__ import annotations

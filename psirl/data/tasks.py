@@ -15,8 +15,11 @@ Completions are read up to the first newline or end-of-sequence marker, then str
 
 Train / held-out split: a problem belongs to ``split="test"`` when crc32 of its prompt is
 divisible by ``HELD_OUT_MODULUS`` (10% of the problem space), otherwise to ``"train"``, so the
-two splits never share a problem whatever the seeds. Within a split, ``make(n, seed)`` is a
-deterministic function of ``(task parameters, split, seed)``.
+two splits never share a problem. The split follows the seed range unless given explicitly:
+seeds below ``HELD_OUT_SEED`` (10_000) draw training problems, seeds from it on draw held-out
+problems (``make(n, seed=10_000 + s)`` is an evaluation set disjoint from every
+``make(m, seed=s')`` with ``s' < 10_000``). ``make(n, seed)`` is a deterministic function of
+``(task parameters, split, seed)``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from psirl.data.expression import ExpressionError, parse_expression
 
 HELD_OUT_MODULUS = 10
+HELD_OUT_SEED = 10_000
 SPLITS = ("train", "test")
 EOS_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<eos>")
 
@@ -67,12 +71,15 @@ class Task:
     def reward(self, completion: str, record: dict[str, Any]) -> float:
         raise NotImplementedError
 
-    def make(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    def make(self, n: int, seed: int = 0, split: str | None = None) -> list[dict[str, Any]]:
         """``n`` prompt records of ``split``, a deterministic function of (parameters, split, seed).
 
-        Problems are drawn independently (with replacement); a problem is in ``split`` iff
+        ``split`` None means ``"test"`` if ``seed >= HELD_OUT_SEED`` else ``"train"``. Problems
+        are drawn independently (with replacement); a problem is in ``split`` iff
         ``split_of(prompt) == split``.
         """
+        if split is None:
+            split = "test" if seed >= HELD_OUT_SEED else "train"
         if split not in SPLITS:
             raise ValueError(f"split: unknown split {split!r}; known splits: {', '.join(SPLITS)}")
         if n < 0:
@@ -89,8 +96,8 @@ class Task:
                 records.append(record)
         return records
 
-    def sft_examples(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, str]]:
-        """``n`` SFT records ``{"prompt", "completion"}`` whose completion is the reference answer."""
+    def sft_examples(self, n: int, seed: int = 0, split: str | None = None) -> list[dict[str, str]]:
+        """``n`` SFT records ``{"prompt", "completion"}``, completion = the reference answer."""
         return [
             {"prompt": record["prompt"], "completion": record["answer"]}
             for record in self.make(n, seed, split)
@@ -136,7 +143,7 @@ _ATOM = 3
 def _combine(
     op: str, left: tuple[int, str, int], right: tuple[int, str, int]
 ) -> tuple[int, str, int] | None:
-    """Apply ``op`` to (value, text, precedence) pairs; None unless the result is a natural number."""
+    """Apply ``op`` to (value, text, precedence) triples; None unless the result is natural."""
     a, b = left[0], right[0]
     if op == "+":
         value = a + b
@@ -159,7 +166,7 @@ def _combine(
 
 
 class CountdownTask(Task):
-    """Reach a target with + - * / from ``n_numbers`` numbers in ``[1, max_number]``, each at most once.
+    """Reach a target with + - * / from ``n_numbers`` numbers in [1, max_number], each used once.
 
     Prompt ``"7 3 2>17:"``, reference answer e.g. ``"7*2+3"``. An instance is built by combining
     the numbers pairwise at random (integer intermediates >= 0, exact divisions) until one value

@@ -4,8 +4,8 @@ Public names: ``load_policy``, ``save_policy``, ``CheckpointError``, ``token_log
 ``ValueModel``, ``apply_lora``, ``make_tiny_model``, ``make_char_tokenizer``.
 """
 
-from .logprobs import token_logprobs
 from .loading import CheckpointError, load_policy, save_policy
+from .logprobs import token_logprobs
 from .lora import apply_lora
 from .tiny import make_char_tokenizer, make_tiny_model
 from .value import ValueModel

@@ -47,7 +47,9 @@ def check_safetensors_folder(path: str | Path) -> Path:
     if not folder.exists():
         raise CheckpointError(f"{folder}: model folder does not exist")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors), got a file")
+        raise CheckpointError(
+            f"{folder}: expected a model folder (config.json + *.safetensors), got a file"
+        )
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder / 'config.json'}: missing; not a transformers model folder")
     if any(folder.glob("*.safetensors")):

@@ -13,7 +13,11 @@ Autograd. With gradients enabled each chunk runs under ``torch.utils.checkpoint`
 the forward keeps only the chunk's [n, H] hidden states, and the backward recomputes that chunk's
 logits one chunk at a time. Plain autograd would instead keep every chunk's [n, V] log-softmax
 output alive until backward, i.e. [B*T, V] float32 again. The recompute costs one extra
-[n, H] x [H, V] matmul per chunk in backward (measured in tests/models/test_logprobs_memory.py).
+[n, H] x [H, V] matmul per chunk in backward. Measured on CPU (V=32000, H=32, B=4, P=T=128,
+chunk 128, forward+backward, peak live tensor bytes): naive full logits 506 MB, chunks with plain
+autograd 100 MB, chunks with checkpoint 57 MB, for ~15% more time than plain-autograd chunks
+(and ~3x less than naive, which also computes logits for every prompt position).
+See tests/models/test_models_logprobs_memory.py.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ def make_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(
+                Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False
+            ),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -58,23 +58,38 @@ class ValueModel(nn.Module):
     def from_policy(
         cls,
         policy: str | Path | nn.Module,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> ValueModel:
         """A new critic whose backbone is a copy of the policy's decoder (weights copied, not shared).
 
-        policy: a safetensors model folder, or an in-memory ``*ForCausalLM`` (deep-copied).
+        policy: a safetensors model folder, or an in-memory ``*ForCausalLM`` (deep-copied; a PEFT
+        model is copied with its LoRA adapters merged, so the critic is a plain full backbone).
+        device / dtype: default to the policy's (a folder loads as float32 on CPU). Every backbone
+        parameter of the critic is trainable, whatever the policy's ``requires_grad`` flags.
         """
         if isinstance(policy, nn.Module):
-            decoder, _ = split_backbone_and_head(policy)
-            backbone = copy.deepcopy(decoder)
+            if hasattr(policy, "peft_config"):
+                from .lora import merged_copy
+
+                backbone, _ = split_backbone_and_head(merged_copy(policy))
+            else:
+                decoder, _ = split_backbone_and_head(policy)
+                backbone = copy.deepcopy(decoder)
         else:
             folder = check_safetensors_folder(policy)
             causal_lm = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True
+                folder,
+                dtype=resolve_dtype(dtype or "float32"),
+                use_safetensors=True,
+                local_files_only=True,
             )
             backbone, _ = split_backbone_and_head(causal_lm)
-        backbone = backbone.to(device=device, dtype=resolve_dtype(dtype))
+        backbone.requires_grad_(True)
+        if dtype is not None:
+            backbone = backbone.to(dtype=resolve_dtype(dtype))
+        if device is not None:
+            backbone = backbone.to(device)
         return cls(backbone)
 
     def values(
@@ -102,7 +117,9 @@ class ValueModel(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out)
         head = {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head, str(out / VALUE_HEAD_FILE), metadata={"format": "pt", "psirl": "value_head"})
+        save_file(
+            head, str(out / VALUE_HEAD_FILE), metadata={"format": "pt", "psirl": "value_head"}
+        )
         return out
 
     @classmethod

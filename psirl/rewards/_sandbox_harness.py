@@ -7,8 +7,9 @@ object on stdin: ``{"nonce", "code", "tests", "scratch", "result_fd"}``.
 This harness then
 1. installs an audit hook (PEP 578; hooks cannot be removed once added) that, for everything run
    afterwards, blocks: sockets (network), process creation and signals to other processes,
-   ctypes, tracing / profiling / gc introspection, rlimit changes, reassigning function
-   attributes, and any file write, delete or rename outside the scratch dir;
+   ctypes, tracing / profiling / gc / frame introspection, rlimit changes, thread creation
+   (where the interpreter audits it), and any file write, delete or rename outside the scratch
+   dir;
 2. executes the model's ``code`` as module ``solution`` (also importable by the tests);
 3. executes each test in that namespace; a test passes iff it returns without raising.
 
@@ -105,9 +106,9 @@ def _make_hook(nonce, digests, result_fd, scratch):
     """The audit hook; the nonce and the expected test digests live only in this closure."""
     prefix = scratch.rstrip(os.sep) + os.sep
     realpath, fspath, fsdecode = os.path.realpath, os.fspath, os.fsdecode
+    isabs, join, readlink = os.path.isabs, os.path.join, os.readlink
     getframe, write, sha256 = sys._getframe, os.write, hashlib.sha256
     run_code, real_exec, real_compile = _run_test.__code__, builtins.exec, builtins.compile
-    function_type = types.FunctionType
     reported = set()
     state = {"reporting": False}
 
@@ -124,6 +125,21 @@ def _make_hook(nonce, digests, result_fd, scratch):
             resolved = fsdecode(resolved)
         return resolved == scratch or resolved.startswith(prefix) or resolved == os.devnull
 
+    def inside_at(path, dir_fd):
+        """Like inside(), for a path that may be relative to an open directory ``dir_fd``."""
+        if dir_fd is None or dir_fd == -1 or type(path) is int:
+            return inside(path)
+        if type(path) not in _TRUSTED_PATH_TYPES:
+            return False
+        text = fsdecode(fspath(path))
+        if isabs(text):
+            return inside(text)
+        try:
+            base = readlink(f"/proc/self/fd/{int(dir_fd)}")
+        except (OSError, ValueError, TypeError):
+            return False
+        return inside(join(base, text))
+
     def deny(what):
         raise PermissionError(f"sandbox: {what} is blocked")
 
@@ -135,16 +151,18 @@ def _make_hook(nonce, digests, result_fd, scratch):
             else:
                 writing = bool((flags or 0) & _WRITE_FLAGS)
                 # os.open may resolve a relative path against dir_fd, which the event omits.
-                if writing and isinstance(path, str | bytes) and not os.path.isabs(path):
+                if writing and isinstance(path, str | bytes) and not isabs(path):
                     deny(f"os.open for writing with relative path {path!r}")
             if writing and not inside(path):
                 deny(f"writing outside the scratch dir ({path!r})")
         elif event in _PATH_EVENTS:
             path_positions, dir_fd_positions = _PATH_EVENTS[event]
-            if any(i < len(args) and args[i] is not None for i in dir_fd_positions):
-                deny(f"{event} with dir_fd")  # paths relative to an unchecked directory
-            for i in path_positions:
-                if i < len(args) and not inside(args[i]):
+            dir_fds = [args[i] for i in dir_fd_positions if i < len(args)]
+            for k, i in enumerate(path_positions):
+                if i >= len(args):
+                    continue
+                dir_fd = dir_fds[min(k, len(dir_fds) - 1)] if dir_fds else None
+                if not inside_at(args[i], dir_fd):
                     deny(f"{event} outside the scratch dir ({args[i]!r})")
         elif event in _BLOCKED_EVENTS or event.startswith(_BLOCKED_PREFIXES):
             deny("network access" if event.startswith("socket.") else event)
@@ -157,8 +175,6 @@ def _make_hook(nonce, digests, result_fd, scratch):
                 raise ValueError("sandbox: frame access is blocked")
         elif event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES:
             deny(f"frame access ({args[1]})")
-        elif event == "object.__setattr__" and isinstance(args[0], function_type):
-            deny(f"setting function attribute {args[1]}")
         elif event == RESULT_EVENT:
             index, passed = args
             state["reporting"] = True

@@ -17,9 +17,7 @@ from psirl.rewards.base import check_batch
 # A number as written in answers: 42  -1,234.5  .5  1e-3  (fractions a/b are handled around it)
 _UNSIGNED = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 _SIGNED = r"[-+]?" + _UNSIGNED
-_NUMBER_TOKEN = re.compile(
-    r"(?<![\w.])" + _SIGNED + r"(?:\s*/\s*" + _UNSIGNED + r")?(?![\w.]*\d)"
-)
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])" + _SIGNED + r"(?:\s*/\s*" + _UNSIGNED + r")?(?![\w.]*\d)")
 _EXACT_NUMBER = re.compile(_SIGNED)
 _EXACT_FRACTION = re.compile(
     r"([-+]?)\(?\s*(" + _SIGNED + r")\s*\)?\s*/\s*\(?\s*(" + _SIGNED + r")\s*\)?"
@@ -183,9 +181,11 @@ class AnswerVerifier:
         if predicted == expected:
             return 1.0
         error = abs(float(predicted) - float(expected))
-        return 1.0 if math.isfinite(error) and error <= self.abs_tol + self.rel_tol * abs(
-            float(expected)
-        ) else 0.0
+        return (
+            1.0
+            if math.isfinite(error) and error <= self.abs_tol + self.rel_tol * abs(float(expected))
+            else 0.0
+        )
 
     def __call__(
         self, prompts: list[str], completions: list[str], records: list[dict[str, Any]]
@@ -230,7 +230,10 @@ class FormatReward:
 
 
 class TaskReward:
-    """Reward of a built-in task (psirl/data/tasks.py): r_i = task.reward(completion_i, record_i)."""
+    """Reward of a built-in task (psirl/data/tasks.py).
+
+    r_i = task.reward(completion_i, record_i)
+    """
 
     def __init__(self, task: Any, name: str | None = None):
         if not callable(getattr(task, "reward", None)):
@@ -242,6 +245,4 @@ class TaskReward:
         self, prompts: list[str], completions: list[str], records: list[dict[str, Any]]
     ) -> list[float]:
         check_batch(prompts, completions, records)
-        return [
-            float(self.task.reward(c, r)) for c, r in zip(completions, records, strict=True)
-        ]
+        return [float(self.task.reward(c, r)) for c, r in zip(completions, records, strict=True)]

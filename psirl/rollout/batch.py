@@ -89,7 +89,7 @@ class RolloutBatch:
         the temperature-scaled softmax the sampler used (before top-p / top-k truncation; T=1
         softmax for greedy decoding); 0 where ``completion_mask`` is 0.
     group_ids: [B] int64. Rows with the same id were sampled from the same prompt (GRPO/RLOO
-        groups); ids are 0 .. n_groups-1.
+        groups); ids are 0 .. n_groups-1 from ``generate`` and ``cat`` (``select`` keeps them).
     prompt_index: [B] int64. Index of the row's prompt in the list passed to ``generate``
         (the caller may remap it to dataset records).
     truncated: [B] bool. True when the completion hit ``max_new_tokens`` without EOS / stop string.
@@ -149,11 +149,17 @@ class RolloutBatch:
         return self.input_ids.shape[1] - self.prompt_len
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RolloutBatch:
-        """Rows ``indices`` (ints, an int64 tensor, or a [B] bool mask), same P and T."""
+        """Rows ``indices`` (ints, an int64 tensor, or a [B] bool mask), same P and T.
+
+        group_ids are kept as they are (a minibatch keeps its rows' group identity), so they may
+        no longer be contiguous; ``RolloutBatch.cat([batch])`` renumbers them.
+        """
         index = torch.as_tensor(indices, device=self.input_ids.device)
         if index.dtype == torch.bool:
             if index.shape != (len(self),):
-                raise ValueError(f"select: bool mask must have shape ({len(self)},), got {tuple(index.shape)}")
+                raise ValueError(
+                    f"select: bool mask must have shape ({len(self)},), got {tuple(index.shape)}"
+                )
             index = index.nonzero().squeeze(-1)
         index = index.long().reshape(-1)
         rows = index.tolist()
@@ -178,8 +184,8 @@ class RolloutBatch:
         """Stack batches row-wise, re-padding prompts (left) to the largest P and completions
         (right) to the largest T.
 
-        group_ids are offset so groups of different batches stay distinct (batch k's ids are
-        shifted by the number of groups in batches 0..k-1); prompt_index is kept as is.
+        group_ids are renumbered 0 .. n_groups-1 in order (batch by batch, id by id) so groups of
+        different batches stay distinct and ids are contiguous; prompt_index is kept as is.
         """
         if not batches:
             raise ValueError("RolloutBatch.cat: needs at least one batch")
@@ -194,7 +200,10 @@ class RolloutBatch:
             ids_prompt = b.input_ids[:, : b.prompt_len]
             mask_prompt = b.attention_mask[:, : b.prompt_len]
             ids = torch.cat(
-                [_pad_cols(ids_prompt, left, pad, left_side=True), _pad_cols(b.completion_ids, right, pad)],
+                [
+                    _pad_cols(ids_prompt, left, pad, left_side=True),
+                    _pad_cols(b.completion_ids, right, pad),
+                ],
                 dim=1,
             )
             mask = torch.cat(
@@ -214,8 +223,10 @@ class RolloutBatch:
             parts["truncated"].append(b.truncated)
             if len(b):
                 offset += int(b.group_ids.max()) + 1
+        tensors = {name: torch.cat(ts) for name, ts in parts.items()}
+        tensors["group_ids"] = torch.unique(tensors["group_ids"], return_inverse=True)[1]
         return RolloutBatch(
-            **{name: torch.cat(ts) for name, ts in parts.items()},
+            **tensors,
             prompt_len=prompt_len,
             prompts=[p for b in batches for p in b.prompts],
             completions=[c for b in batches for c in b.completions],

@@ -53,10 +53,14 @@ class HFEngine:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
         self.compact_finished = compact_finished
         self.version = 0
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         if pad is None:
             raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id for padding")
         self.pad_token_id = int(pad)
@@ -82,7 +86,9 @@ class HFEngine:
             if self._adds_bos and bos is not None and (not ids or ids[0] != bos):
                 ids = [bos, *ids]
             if not ids:
-                raise ValueError(f"prompts[{i}]: empty after tokenisation; at least one token is needed")
+                raise ValueError(
+                    f"prompts[{i}]: empty after tokenisation; at least one token is needed"
+                )
             out.append(list(ids))
         return out
 
@@ -145,14 +151,15 @@ class HFEngine:
         next_pos = attn.sum(-1)  # position of the next token of each current row
 
         max_new = params.max_new_tokens
-        tokens_out = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        tokens_out = torch.full(
+            (batch, max_new), self.pad_token_id, dtype=torch.long, device=device
+        )
         logp_out = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
         lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # ended by EOS / stop string
         rows = torch.arange(batch, device=device)  # original row of each current batch row
         done = torch.zeros(batch, dtype=torch.bool, device=device)  # per current row
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
-        stop_window = max((len(s.encode("utf-8")) for s in params.stop), default=0) + 2
 
         steps = 0
         for t in range(max_new):
@@ -165,7 +172,7 @@ class HFEngine:
 
             ended = ~done & torch.isin(token, eos)
             if params.stop:
-                ended |= self._hit_stop(tokens_out, rows, ~done & ~ended, t, params.stop, stop_window)
+                ended |= self._hit_stop(tokens_out, rows, ~done & ~ended, t, params.stop)
             if ended.any():
                 lengths[rows[ended]] = t + 1
                 stopped[rows[ended]] = True
@@ -176,7 +183,8 @@ class HFEngine:
             if self.compact_finished and int(done.sum()) * 4 >= len(rows):
                 keep = (~done).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                rows, token, attn, next_pos, done = rows[keep], token[keep], attn[keep], next_pos[keep], done[keep]
+                rows, token, attn = rows[keep], token[keep], attn[keep]
+                next_pos, done = next_pos[keep], done[keep]
 
             live = (~done).long()
             attn = torch.cat([attn, live.unsqueeze(-1)], dim=1)
@@ -200,19 +208,31 @@ class HFEngine:
         check: torch.Tensor,
         t: int,
         stop: tuple[str, ...],
-        window: int,
     ) -> torch.Tensor:
-        """[rows] bool: which checked rows' decoded tail (last ``window`` tokens) contains a stop
-        string. A stop string is caught on the token that completes it, so any occurrence in the
-        tail is new."""
+        """[rows] bool: which checked rows' decoded completion now contains a stop string.
+
+        A stop string is caught on the token that completes it, so only the tail can hold a new
+        occurrence: the last ``2 * (longest stop in bytes) + 8`` tokens are decoded (as the final
+        text is: special tokens skipped). When that tail decodes to fewer than
+        ``longest stop + 4`` characters (special tokens, partial UTF-8 bytes) the whole
+        completion so far is decoded instead, so a stop string is never missed for lack of context.
+        """
         hit = torch.zeros_like(check)
         idx = check.nonzero().squeeze(-1)
         if idx.numel() == 0:
             return hit
-        start = max(0, t + 1 - window)
-        tails = tokens_out[rows[idx], start : t + 1].tolist()
+        longest_bytes = max(len(s.encode("utf-8")) for s in stop)
+        longest_chars = max(len(s) for s in stop)
+        start = max(0, t + 1 - (2 * longest_bytes + 8))
+        checked_rows = rows[idx]
+        tails = tokens_out[checked_rows, start : t + 1].tolist()
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        flags = [any(s in text for s in stop) for text in texts]
+        flags = []
+        for row, text in zip(checked_rows.tolist(), texts, strict=True):
+            if start > 0 and len(text) < longest_chars + 4:
+                prefix = tokens_out[row, : t + 1].tolist()
+                text = self.tokenizer.decode(prefix, skip_special_tokens=True)
+            flags.append(any(s in text for s in stop))
         hit[idx] = torch.tensor(flags, dtype=torch.bool, device=hit.device)
         return hit
 
@@ -229,16 +249,22 @@ class HFEngine:
         params: SamplingParams,
     ) -> RolloutBatch:
         steps = completion_ids.shape[1]
-        completion_mask = (torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1))
+        positions = torch.arange(steps, device=lengths.device)
+        completion_mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
         completion_ids = completion_ids.masked_fill(~completion_mask, self.pad_token_id)
         group_ids = torch.arange(len(prompts), device=lengths.device).repeat_interleave(n)
         texts = self.tokenizer.batch_decode(
-            [ids[:length] for ids, length in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
+            [
+                ids[:length]
+                for ids, length in zip(completion_ids.tolist(), lengths.tolist(), strict=True)
+            ],
             skip_special_tokens=True,
         )
         return RolloutBatch(
             input_ids=torch.cat([ids_p.repeat_interleave(n, dim=0), completion_ids], dim=1),
-            attention_mask=torch.cat([mask_p.repeat_interleave(n, dim=0), completion_mask.long()], dim=1),
+            attention_mask=torch.cat(
+                [mask_p.repeat_interleave(n, dim=0), completion_mask.long()], dim=1
+            ),
             completion_ids=completion_ids,
             completion_mask=completion_mask.float(),
             behaviour_logprobs=logp * completion_mask,
@@ -280,7 +306,9 @@ def _sample(
         drop = mass_before >= params.top_p
         drop[:, 0] = False
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        sample_scores = torch.full_like(sample_scores, float("-inf")).scatter(-1, order, sorted_scores)
+        sample_scores = torch.full_like(sample_scores, float("-inf")).scatter(
+            -1, order, sorted_scores
+        )
     probs = sample_scores.softmax(-1)
     token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return token, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
@@ -304,7 +332,9 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
     elif gen_eos is not None:
         ids.update(int(i) for i in gen_eos)
     if not ids:
-        raise ValueError("tokenizer / generation_config: no eos_token_id; generation could not stop")
+        raise ValueError(
+            "tokenizer / generation_config: no eos_token_id; generation could not stop"
+        )
     return sorted(ids)
 
 

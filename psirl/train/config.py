@@ -389,29 +389,94 @@ class SFTConfig(_Section):
 class PreferenceConfig(_Section):
     """The preference loop (offline and online DPO family; losses in core/preference.py).
 
-    beta: strength of the implicit KL to the reference; label_smoothing: conservative DPO;
-    gamma: SimPO's target margin; online: sample pairs from the policy and rank them with the
-    reward each step (online / iterative DPO), `samples_per_prompt` completions per prompt.
+    loss: dpo | ipo | kto (unpaired desirable/undesirable samples) | simpo | orpo (no reference).
+    beta: strength of the implicit KL to the reference (SimPO: reward scale); label_smoothing:
+    conservative DPO; gamma: SimPO's target margin; orpo_lambda: weight of ORPO's odds-ratio term;
+    kto_desirable_weight / kto_undesirable_weight: KTO's lambda_D / lambda_U.
+    labelled: data.train_path holds labelled records {prompt, completion, label} (KTO only);
+    otherwise it holds pairs {prompt, chosen, rejected} (KTO then uses chosen as desirable and
+    rejected as undesirable; optim.batch_size counts samples for KTO, pairs otherwise).
+    online: sample pairs from the policy and rank them with the reward each step (online DPO):
+    `samples_per_prompt` completions per prompt at `temperature`, at most `max_new_tokens`
+    tokens, best vs worst by reward, ties skipped. ref_refresh_every: copy the policy into the
+    reference every N steps (iterative DPO; 0 = never).
     """
 
     loss: Literal["dpo", "ipo", "kto", "simpo", "orpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     gamma: float = Field(0.5, ge=0)
+    orpo_lambda: float = Field(0.1, ge=0)
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    labelled: bool = False
     online: bool = False
     samples_per_prompt: int = Field(2, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    ref_refresh_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreferenceConfig:
+        if self.online and self.loss == "kto":
+            raise ValueError(
+                "preference.online: online preference training forms best-vs-worst pairs; "
+                "use loss dpo, ipo, simpo or orpo (not kto)"
+            )
+        if self.labelled and self.loss != "kto":
+            raise ValueError(
+                "preference.labelled: labelled (unpaired) records need preference.loss: kto"
+            )
+        if self.ref_refresh_every and self.loss in ("simpo", "orpo"):
+            raise ValueError(
+                f"preference.ref_refresh_every: {self.loss} uses no reference model"
+            )
+        return self
 
 
 class SelfTrainingConfig(_Section):
-    """STaR / ReST / RAFT: sample, keep the good completions, fine-tune on them.
+    """STaR / ReST / RAFT: sample, keep the good completions, fine-tune on them (SFT loss).
 
-    Kept: completions with reward >= reward_threshold, and at most top_k per prompt (None = all).
+    Each round samples `samples_per_prompt` completions (at `temperature`, at most
+    `max_new_tokens` tokens) for optim.batch_size prompts, then takes `sft_steps_per_round` SFT
+    steps on the kept ones (ReST: that many per threshold). Kept:
+      star: reward >= reward_threshold; with `rationalize`, prompts with no kept sample are
+            re-sampled with the answer as a hint (`hint_template`, placeholders {prompt} and
+            {answer}) and the kept rationales are trained on WITHOUT the hint;
+      rest: improve step i keeps reward >= rest_thresholds[i] (non-decreasing thresholds);
+      raft: the top_k (default 1) highest-reward completions of each prompt.
+    top_k (star / rest): also keep at most top_k per prompt (None = all that pass).
     """
 
     method: Literal["star", "rest", "raft"] = "raft"
     samples_per_prompt: int = Field(4, ge=1)
     reward_threshold: float = 0.5
     top_k: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    sft_steps_per_round: int = Field(1, ge=1)
+    rest_thresholds: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
+    rationalize: bool = True
+    hint_template: str = "Hint: the answer is {answer}.\n{prompt}"
+
+    @field_validator("rest_thresholds")
+    @classmethod
+    def _non_decreasing(cls, v: list[float]) -> list[float]:
+        for i in range(1, len(v)):
+            if v[i] < v[i - 1]:
+                raise ValueError(f"thresholds must not decrease: [{i - 1}]={v[i - 1]} > [{i}]={v[i]}")
+        return v
+
+    @field_validator("hint_template")
+    @classmethod
+    def _has_placeholders(cls, v: str) -> str:
+        try:
+            v.format(prompt="", answer="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the placeholders {{prompt}} and {{answer}} are allowed: {exc}") from None
+        if "{prompt}" not in v or "{answer}" not in v:
+            raise ValueError("must contain both {prompt} and {answer}")
+        return v
 
 
 # --------------------------------------------------------------------------- the whole run

@@ -21,8 +21,8 @@ from psirl.algorithms import OnlineKnobs
 from psirl.core.advantages import ADVANTAGE_ESTIMATORS
 from psirl.core.aggregate import step_normaliser
 from psirl.core.filters import zero_signal_groups
-from psirl.core.kl import AdaptiveKLController, kl_estimate
-from psirl.core.masking import masked_mean
+from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_in_reward
+from psirl.core.masking import masked_mean, place_on_last_token
 from psirl.core.objective import policy_loss
 from psirl.core.value import clipped_value_loss, explained_variance
 from psirl.rollout.batch import RolloutBatch, SamplingParams
@@ -61,23 +61,6 @@ def load_prompt_records(config, task) -> list[dict]:
     return task.make(config.data.n_train, seed=config.seed)
 
 
-def sequence_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B] sequence rewards -> [B, T] token rewards with R_i on the last response token of row i."""
-    token_rewards = torch.zeros_like(mask, dtype=torch.float32)
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-    token_rewards[torch.arange(mask.shape[0]), last] = rewards.float()
-    return token_rewards
-
-
-def kl_reward_terms(behaviour_logp, ref_logp, mask, knobs) -> torch.Tensor:
-    """-β·KL placed in the reward: per token (REINFORCE++, PPO) or summed on the last token."""
-    kl = kl_estimate(behaviour_logp, ref_logp, knobs.loss.kl_estimator) * mask
-    if knobs.loss.kl_placement == "reward_token":
-        return -kl
-    # per sequence: the sequence's total KL lands where its reward does
-    return sequence_token_rewards(kl.sum(dim=1), mask) * -1.0
-
-
 def build_online(config, run_dir: Path) -> LoopSpec:
     knobs = knobs_from_config(config)
     sampling = knobs.sampling
@@ -103,7 +86,8 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    kl_ctl = AdaptiveKLController(knobs.loss.kl_coef, knobs.kl_control.target, knobs.kl_control.horizon)
+    kl_ctl = (AdaptiveKLController(knobs.loss.kl_coef, knobs.kl_control.target, knobs.kl_control.horizon)
+              if knobs.kl_control.adaptive else FixedKLController(knobs.loss.kl_coef))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optim)
@@ -201,14 +185,17 @@ def build_online(config, run_dir: Path) -> LoopSpec:
             # One update on fresh samples: the engine's behaviour log-probs are the old log-probs.
             old_logp = batch.behaviour_logprobs
             ref_logp = forward_logprobs(ref_model, batch)[0] if ref_model is not None else None
-            token_rewards = sequence_token_rewards(rewards, mask)
+            token_rewards = place_on_last_token(rewards, mask)
             beta = kl_ctl.value
             if ref_logp is not None:
+                # kl/mean: k1 summed over each sequence (an unbiased sequence-KL estimate), averaged.
+                metrics["kl/mean"] = float(((old_logp - ref_logp) * mask).sum(dim=1).mean())
                 kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator)
-                metrics["kl/mean"] = float(masked_mean((old_logp - ref_logp), mask))
-                metrics[f"kl/{knobs.loss.kl_estimator}_mean"] = float(masked_mean(kl_tokens, mask))
+                metrics[f"kl/{knobs.loss.kl_estimator}_token_mean"] = float(masked_mean(kl_tokens, mask))
                 if knobs.loss.kl_placement.startswith("reward"):
-                    token_rewards = token_rewards + beta * kl_reward_terms(old_logp, ref_logp, mask, knobs)
+                    token_rewards = kl_in_reward(token_rewards, old_logp, ref_logp, mask, coef=beta,
+                                                 estimator=knobs.loss.kl_estimator,
+                                                 placement=knobs.loss.kl_placement)
             old_values = None
             if value_model is not None:
                 old_values = value_model.values(batch.input_ids, batch.attention_mask, mask.shape[1])
@@ -221,8 +208,6 @@ def build_online(config, run_dir: Path) -> LoopSpec:
 
         model.train()
         loss_knobs = knobs.loss if ref_logp is not None else _without_kl(knobs.loss)
-        if loss_knobs.kl_placement == "loss":
-            loss_knobs = _with_coef(loss_knobs, beta)
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
         n_updates = 0
@@ -241,7 +226,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
                     loss, lm = policy_loss(
                         logp, old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
                         ref_logp=ref_logp[rows] if ref_logp is not None else None,
-                        entropy=entropy,
+                        entropy=entropy, kl_coef=beta,
                     )
                     loss.backward()
                     lm["loss/policy"] = float(loss)
@@ -290,8 +275,8 @@ def build_online(config, run_dir: Path) -> LoopSpec:
     return LoopSpec(
         models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
         step=step, evaluate=evaluate,
-        get_state=lambda: {"kl_coef": kl_ctl.value},
-        set_state=lambda s: kl_ctl.set_value(s["kl_coef"]) if "kl_coef" in s else None,
+        get_state=lambda: {"kl_controller": kl_ctl.state_dict()},
+        set_state=lambda s: kl_ctl.load_state_dict(s["kl_controller"]) if "kl_controller" in s else None,
     )
 
 
@@ -299,9 +284,3 @@ def _without_kl(loss_knobs):
     import dataclasses
 
     return dataclasses.replace(loss_knobs, kl_placement="none", kl_coef=0.0)
-
-
-def _with_coef(loss_knobs, coef: float):
-    import dataclasses
-
-    return dataclasses.replace(loss_knobs, kl_coef=coef)

@@ -36,7 +36,7 @@ def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
                     summary_keys=("loss", "eval/accuracy", "eval/accuracy_greedy"))
 
 
-def load_sft_examples(config, task) -> list[dict]:
+def load_sft_examples(config, task, tokenizer) -> list[dict]:
     """{"prompt", "completion"} records from the task or from `data.train_path`."""
     if config.data.train_path is not None:
         from psirl.data.records import load_records
@@ -66,7 +66,7 @@ def epoch_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[i
 def build_sft(config, run_dir: Path) -> LoopSpec:
     model, tokenizer = build_policy(config, run_dir)
     task = build_task(config)
-    examples = load_sft_examples(config, task)
+    examples = load_sft_examples(config, task, tokenizer)
     if not examples:
         raise ValueError("data: the SFT dataset is empty")
     prompts = encode_texts(tokenizer, [e["prompt"] for e in examples])

@@ -40,7 +40,8 @@ class TabularProblem:
     policy: TabularPolicy (V, H, P, eos); theta: [n_prefixes, V] float64 (the point where
     gradients are taken); ref_theta: [n_prefixes, V] float64 (pi_ref); rewards: [P, N_y]
     float64, R(x, y) for every prompt x and completion y in ``policy.completions()`` order;
-    kl_coef: beta >= 0.
+    kl_coef: beta >= 0. Derived on construction: ``table`` (policy.enumerate()) and
+    ``reachable`` ([n_prefixes] bool, policy.reachable_prefixes()).
     """
 
     policy: TabularPolicy
@@ -49,6 +50,7 @@ class TabularProblem:
     rewards: Tensor
     kl_coef: float = 0.0
     table: SequenceTable = field(init=False, repr=False, compare=False)
+    reachable: Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pol = self.policy
@@ -69,6 +71,7 @@ class TabularProblem:
         if self.kl_coef < 0:
             raise ValueError(f"TabularProblem.kl_coef must be >= 0, got {self.kl_coef}")
         object.__setattr__(self, "table", table)
+        object.__setattr__(self, "reachable", pol.reachable_prefixes())
 
     @property
     def sequence_rewards(self) -> Tensor:
@@ -87,7 +90,7 @@ def make_problem(
     horizon: int = 3,
     n_prompts: int = 2,
     eos_token: int | None = None,
-    prompt_offsets: tuple[float, ...] = (4.0, 1.0),
+    prompt_offsets: tuple[float, ...] = (5.0, 2.0),
     prompt_spreads: tuple[float, ...] = (1.0, 0.25),
     theta_scale: float = 0.7,
     ref_shift: float = 0.7,
@@ -97,7 +100,7 @@ def make_problem(
 
     Rewards R(x, y) = offset_x + spread_x * u(y), with u(y) ~ Exponential(1) - 1 drawn once
     from ``seed`` (skewed, many distinct values) and, by default, two prompts whose values and
-    spreads differ a lot: offsets (4, 1), spreads (1, 0.25). Why this table:
+    spreads differ a lot: offsets (5, 2), spreads (1, 0.25). Why this table:
     - every reward is positive with a large common mean, so REINFORCE (no baseline) pays for
       E[R]^2 in its variance; a batch-mean baseline (REINFORCE++) removes the common mean but
       not the per-prompt offsets (+-1.5); a per-prompt group baseline (RLOO, GRPO) removes

@@ -277,7 +277,11 @@ def _advantages(
     values: Tensor | None,
     adv_knobs: Any,
 ) -> Tensor:
-    kwargs = {"gamma": float(adv_knobs.gamma), "lam": float(adv_knobs.lam)}
+    kwargs = {
+        "gamma": float(adv_knobs.gamma),
+        "lam": float(adv_knobs.lam),
+        "eps": float(getattr(adv_knobs, "eps", 1e-6)),
+    }
     if not batch_level:
         adv, _ = fn(token_rewards, batches.mask, batches.group_ids, values, **kwargs)
         return adv
@@ -417,9 +421,21 @@ class GradientStats:
     estimator normalised to estimate grad J (so presets with different advantage scales and
     batch sizes are comparable; Cov is the sample covariance over the M batches);
     snr_per_sample: ||target||^2 / var_per_sample (signal-to-noise of one sample);
+    error_to_noise: ||gbar - target||^2 / (tr Cov(g_m) / M), the squared error of the mean
+    in units of what sampling noise alone gives: E = 1 exactly when E[g] = target (known
+    scale), >> 1 for a bias that the M batches resolve;
     t2, dof, p_value: Hotelling's T^2 test of E[g] = target -- in all dof = d coordinates when
     the scale is known; in the d - 1 coordinates orthogonal to `advantaged` (direction only)
     when it is fitted. Small p: the estimator is biased.
+    extra: further scalars; ``estimate`` adds, for KL in the loss, the test of the KL part
+    alone against -beta grad KL: p_kl_part, kl_part_relative_bias, kl_part_cosine.
+
+    Note (tabular, fixed horizon): the reduced gradient has dimension V^H - 1 per prompt, the
+    same as the batch's histogram of sampled completions, and an estimator whose per-sample
+    term depends on that sample only (no cross-sample baseline: "none", GAE with a fixed
+    critic, k1/k3 in the reward) is an affine bijection of that histogram. Hotelling's T^2 is
+    affine-invariant, so every such estimator that is unbiased gets the very same T^2 (the
+    test of the histogram's mean); a biased one differs through its target.
     """
 
     mean: Tensor
@@ -431,6 +447,7 @@ class GradientStats:
     relative_bias: float
     var_per_sample: float
     snr_per_sample: float
+    error_to_noise: float
     t2: float
     dof: int
     p_value: float
@@ -438,9 +455,14 @@ class GradientStats:
     batch_size: int
     extra: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def p_min(self) -> float:
+        """Smallest p of the tests run (the full gradient, and the KL part when present)."""
+        return min(self.p_value, self.extra.get("p_kl_part", 1.0))
+
     def agrees(self, alpha: float) -> bool:
-        """True when the test does not reject E[g] = target at level alpha."""
-        return self.p_value >= alpha
+        """True when no test rejects (E[g] = target; E[KL part] = -beta grad KL) at alpha."""
+        return self.p_min >= alpha
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly scalars (no tensors)."""
@@ -451,9 +473,11 @@ class GradientStats:
             "relative_bias": self.relative_bias,
             "var_per_sample": self.var_per_sample,
             "snr_per_sample": self.snr_per_sample,
+            "error_to_noise": self.error_to_noise,
             "t2": self.t2,
             "dof": self.dof,
             "p_value": self.p_value,
+            "p_min": self.p_min,
             "n_batches": self.n_batches,
             "batch_size": self.batch_size,
             **self.extra,
@@ -500,7 +524,9 @@ def compare_to_exact(
     target = c * advantaged + kl_loss
     mean = per_batch.mean(0)
     centred = g - gbar
-    var = batch_size * float((centred * centred).sum()) / (g.shape[0] - 1) / (c * c)
+    trace_cov = float((centred * centred).sum()) / (g.shape[0] - 1)
+    var = batch_size * trace_cov / (c * c)
+    err = gbar - (c * u + k)
     tnorm = float(target.norm())
     return GradientStats(
         mean=mean,
@@ -512,6 +538,9 @@ def compare_to_exact(
         relative_bias=float((mean - target).norm()) / tnorm if tnorm > 0 else math.inf,
         var_per_sample=var,
         snr_per_sample=tnorm**2 / var if var > 0 else math.inf,
+        error_to_noise=float((err * err).sum()) * g.shape[0] / trace_cov
+        if trace_cov > 0
+        else math.inf,
         t2=t2,
         dof=dof,
         p_value=p,
@@ -534,6 +563,10 @@ def estimate(
     critic: "exact" (exact_critic, used only by "gae"), None, or a [n_prefixes] table;
     scale: "known" (baseline_scale of the estimator; None for std-scaled ones and for
     seq_mean_token_mean with variable lengths), a float, or None (fit, direction-only test).
+    When the KL is in the loss, the gradient splits exactly into the advantage part (the same
+    as with no KL) and the KL part (BatchGradients.kl_loss_part); the KL part is also tested
+    alone against -beta grad KL (stats.extra["p_kl_part"]): that test does not carry the
+    reward's variance, so it sees a KL bias that the full-gradient test may be too noisy to see.
     Returns (GradientStats against exact_targets, the BatchGradients).
     """
     if isinstance(critic, str):
@@ -550,13 +583,27 @@ def estimate(
     targets = exact_targets(problem, knobs.loss)
     stats = compare_to_exact(
         grads.total,
-        problem.policy.reachable_prefixes(),
+        problem.reachable,
         batches.batch_size,
         advantaged=targets.advantaged,
         kl_loss=targets.kl_loss,
         exact=targets.full,
         scale=scale,
     )
+    if grads.kl_loss_part is not None:
+        kl_stats = compare_to_exact(
+            grads.kl_loss_part,
+            problem.reachable,
+            batches.batch_size,
+            advantaged=torch.zeros_like(targets.kl_loss),
+            kl_loss=targets.kl_loss,
+            scale=1.0,
+        )
+        stats.extra.update(
+            p_kl_part=kl_stats.p_value,
+            kl_part_relative_bias=kl_stats.relative_bias,
+            kl_part_cosine=kl_stats.cosine,
+        )
     return stats, grads
 
 

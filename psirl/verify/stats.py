@@ -128,7 +128,12 @@ def hotelling_test(samples: Tensor, mu: Tensor) -> tuple[float, int, float]:
     centred = x - mean
     cov = centred.T @ centred / (m - 1)
     diff = (mean - mu.to(torch.float64)).unsqueeze(1)
-    chol = torch.linalg.cholesky(cov)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        raise ValueError(
+            f"hotelling_test: the sample covariance ({d} x {d}, from M={m} samples) is singular; "
+            "use more batches, or drop coordinates that never vary"
+        )
     y = torch.linalg.solve_triangular(chol, diff, upper=False)
     t2 = float(m * (y * y).sum())
     f = (m - d) / (d * (m - 1)) * t2

@@ -183,7 +183,7 @@ def test_gae_three_steps_closed_form():
     assert ret[0].tolist() == pytest.approx([a + b for a, b in zip(expected[:3], [0.3, 0.1, -0.4], strict=True)] + [0.0], rel=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     st.integers(1, 4),
     st.integers(1, 6),
@@ -244,7 +244,7 @@ def test_shape_errors_name_the_argument():
         group_mean_advantages(torch.zeros(2, 3), torch.ones(2, 4), torch.zeros(2, dtype=torch.long))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.integers(0, 4), min_size=2, max_size=8))
 def test_group_advantages_sum_to_zero_and_rloo_is_k_over_k_minus_1_times_dr_grpo(rewards):
     # Identity: R_i - (S - R_i)/(K-1) = K/(K-1) (R_i - S/K).

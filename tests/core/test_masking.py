@@ -95,7 +95,7 @@ def test_place_on_last_token_rejects_bad_shapes():
         place_on_last_token(torch.zeros(2, 1), torch.ones(2, 3))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None)
 @given(
     st.lists(
         st.tuples(st.floats(-1e3, 1e3), st.booleans()), min_size=1, max_size=12
