@@ -42,7 +42,15 @@ def train(
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    run_dir = run_config(cfg, resume=resume is not None, quiet=quiet)
+    from psirl.data.errors import DataError
+    from psirl.models.loading import CheckpointError
+
+    try:
+        run_dir = run_config(cfg, resume=resume is not None, quiet=quiet)
+    except (ConfigError, DataError, CheckpointError, FileExistsError) as exc:
+        # Bad input (config, data, model folder, a used output_dir): one line, no traceback.
+        _fail(str(exc))
+        return
     typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 

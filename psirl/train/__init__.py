@@ -9,6 +9,9 @@ from pathlib import Path
 LOOPS = {
     "sft": "psirl.train.sft:train",
     "online": "psirl.train.online:train",
+    "reward_model": "psirl.train.reward_model:train",
+    "preference": "psirl.train.preference:train",
+    "self_training": "psirl.train.self_training:train",
 }
 
 

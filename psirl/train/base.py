@@ -313,8 +313,9 @@ def run_loop(
         ckpts = list_checkpoints(run_dir)
         if ckpts:
             start = load_checkpoint(ckpts[-1], spec)
-    # On resume, drop metrics logged after the checkpoint (-1: no checkpoint yet, drop them all).
-    resume_from = (start if start > 0 else -1) if resume else None
+    # Drop metrics logged after the checkpoint we start from (-1: no checkpoint, drop them all).
+    # A fresh start drops them all too: they belong to a run killed before its first checkpoint.
+    resume_from = start if start > 0 else -1
     logger = MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
     eval_every = config.eval.every
 
@@ -330,11 +331,13 @@ def run_loop(
             logger.log(0, spec.evaluate(0))
         with StepProgress(config.max_steps, description=f"{config.loop}", initial=start, disable=quiet) as progress:
             for step in range(start, config.max_steps):
+                # The LR this step uses (its first update's, when a step takes several): read it
+                # before the step, whose scheduler.step() moves it on to the next step's value.
+                lrs = {f"lr/{name}": sched.get_last_lr()[0] for name, sched in spec.schedulers.items()}
                 t0 = time.perf_counter()
                 metrics = dict(spec.step(step, step_generator(config.seed, step)))
                 metrics["time/step_s"] = time.perf_counter() - t0
-                for name, sched in spec.schedulers.items():
-                    metrics[f"lr/{name}"] = sched.get_last_lr()[0]
+                metrics.update(lrs)
                 done = step + 1
                 if spec.evaluate is not None and eval_every > 0 and (
                     done % eval_every == 0 or done == config.max_steps

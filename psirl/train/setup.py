@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +34,11 @@ def build_policy(config, run_dir: Path):
 
 
 def policy_path(config, run_dir: Path) -> Path:
-    """Folder of the initial policy; builds the tiny model on first use."""
+    """Folder of the initial policy; builds the tiny model on first use.
+
+    The tiny model is written to a temporary folder and renamed into place, so a run killed while
+    writing it never leaves a half-written init_model/ that a resume would load.
+    """
     if config.model.path is not None:
         return Path(config.model.path)
     from psirl.models.tiny import make_tiny_model
@@ -40,8 +46,10 @@ def policy_path(config, run_dir: Path) -> Path:
     out = Path(run_dir) / INIT_MODEL_DIR
     if not (out / "config.json").exists():
         tiny = config.model.tiny
+        tmp = Path(run_dir) / f".tmp-{INIT_MODEL_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
         make_tiny_model(
-            out,
+            tmp,
             arch=tiny.arch,
             hidden_size=tiny.hidden_size,
             num_layers=tiny.num_layers,
@@ -49,6 +57,8 @@ def policy_path(config, run_dir: Path) -> Path:
             intermediate_size=tiny.intermediate_size,
             seed=config.seed,
         )
+        shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older, killed run
+        os.replace(tmp, out)
     return out
 
 

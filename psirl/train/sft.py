@@ -36,18 +36,43 @@ def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
                     summary_keys=("loss", "eval/accuracy", "eval/accuracy_greedy"))
 
 
-def load_sft_examples(config, task, tokenizer) -> list[dict]:
-    """{"prompt", "completion"} records from the task or from `data.train_path`."""
+def load_sft_examples(config, task, tokenizer) -> tuple[list[dict], list[str]]:
+    """({"prompt", "completion"} text records, where each came from) from the task or from
+    `data.train_path`. Locations are "file:line" (JSONL) / "file: row n", or "task NAME: example i"
+    for a built-in task, so a length error can name the offending example."""
     if config.data.train_path is not None:
+        from psirl.data.errors import DataError
         from psirl.data.records import load_records
         from psirl.data.templates import render_sft_example
 
         records = load_records(config.data.train_path, kind="sft", split=config.data.split)
-        return [dict(zip(("prompt", "completion"), render_sft_example(r), strict=True))
-                for r in records]
+        examples = []
+        for where, r in zip(records.locations, records, strict=True):
+            try:
+                prompt, completion = render_sft_example(tokenizer, r, chat=config.data.chat)
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            examples.append({"prompt": prompt, "completion": completion})
+        return examples, list(records.locations)
     if task is None:
         raise ValueError("data: SFT needs data.task or data.train_path")
-    return task.sft_examples(config.data.n_train, seed=config.seed)
+    examples = task.sft_examples(config.data.n_train, seed=config.seed)
+    return examples, [f"task {config.data.task}: example {i + 1}" for i in range(len(examples))]
+
+
+def check_sft_lengths(prompts: list[list[int]], completions: list[list[int]], locations: list[str],
+                      *, max_prompt_tokens: int, max_seq_len: int) -> None:
+    """Refuse an example whose prompt has more than `data.max_prompt_tokens` tokens or whose
+    prompt + completion (EOS included) has more than `sft.max_seq_len`; DataError names where."""
+    from psirl.data.errors import DataError
+
+    for where, p, c in zip(locations, prompts, completions, strict=True):
+        if len(p) > max_prompt_tokens:
+            raise DataError(f"{where}: field 'prompt': {len(p)} tokens, more than "
+                            f"data.max_prompt_tokens={max_prompt_tokens}")
+        if len(p) + len(c) > max_seq_len:
+            raise DataError(f"{where}: prompt + completion: {len(p) + len(c)} tokens (EOS "
+                            f"included), more than sft.max_seq_len={max_seq_len}")
 
 
 def epoch_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -66,17 +91,16 @@ def epoch_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[i
 def build_sft(config, run_dir: Path) -> LoopSpec:
     model, tokenizer = build_policy(config, run_dir)
     task = build_task(config)
-    examples = load_sft_examples(config, task, tokenizer)
+    examples, locations = load_sft_examples(config, task, tokenizer)
     if not examples:
-        raise ValueError("data: the SFT dataset is empty")
+        from psirl.data.errors import DataError
+
+        raise DataError(f"{config.data.train_path or 'data'}: the SFT dataset is empty")
     prompts = encode_texts(tokenizer, [e["prompt"] for e in examples])
     completions = encode_texts(tokenizer, [e["completion"] for e in examples], add_eos=True)
-    max_len = config.sft.max_seq_len
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        if len(p) + len(c) > max_len:
-            raise ValueError(
-                f"data: SFT example {i} has {len(p) + len(c)} tokens, over sft.max_seq_len={max_len}"
-            )
+    check_sft_lengths(prompts, completions, locations,
+                      max_prompt_tokens=config.data.max_prompt_tokens,
+                      max_seq_len=config.sft.max_seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
@@ -99,7 +123,7 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
             logp, _ = token_logprobs(model, ids, attn, cmask.shape[1])
             loss = sft_token_loss(logp, cmask, n_tokens)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grad_norm = clip_and_step(params, optimizer, scheduler, config.optim.grad_clip)
         return {"loss": total, "grad_norm": grad_norm, "tokens": float(n_tokens)}
 

@@ -49,6 +49,6 @@ def sft_update(
             logp, _ = token_logprobs(model, ids, attn, cmask.shape[1])
             loss = sft_token_loss(logp, cmask, n_tokens)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
     grad_norm = clip_and_step(params, optimizer, scheduler, grad_clip)
     return {"loss": total, "grad_norm": grad_norm, "tokens": float(n_tokens)}

@@ -28,6 +28,7 @@ __all__ = [
     "exact_kl",
     "exact_gradient",
     "exact_kl_gradient",
+    "exact_statewise_kl_gradient",
     "exact_value_function",
     "sequence_probabilities",
 ]
@@ -189,6 +190,39 @@ def exact_gradient(problem: TabularProblem, kl_coef: float | None = None) -> Ten
 def exact_kl_gradient(problem: TabularProblem) -> Tensor:
     """grad_theta KL(pi_theta || pi_ref) at problem.theta: [n_prefixes, V] float64."""
     return _grad(lambda th: exact_kl(problem, th), problem)
+
+
+def exact_statewise_kl_gradient(problem: TabularProblem, direction: str = "reverse") -> Tensor:
+    """Gradient of a per-state divergence with the state-visit probabilities held fixed.
+
+        g = sum_s d(s) grad_theta D(s),   d(s) = P_pi(the sequence visits s), not differentiated
+        reverse: D(s) = KL(pi(.|s) || pi_ref(.|s));  forward: D(s) = KL(pi_ref(.|s) || pi(.|s))
+
+    (d averages over prompts like J.) These are the expected gradients of a KL estimator that
+    is *differentiated in the loss* on on-policy samples (001, "the gradients can be biased"):
+    E_a[grad k2] = E_a[(log pi - log pi_ref) grad log pi] = grad KL(pi || pi_ref)(s) and
+    E_a[grad k3] = E_a[(1 - pi_ref / pi) grad log pi] = -sum_a pi_ref(a) grad log pi(a)
+    = grad KL(pi_ref || pi)(s), per visited state; k1 gives E_a[grad log pi] = 0. The true
+    grad KL(pi || pi_ref) of the sequence also moves d(s) (a token changes which states come
+    next), which no per-token loss term sees. Returns [n_prefixes, V] float64.
+    """
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
+    pol, t = problem.policy, problem.table
+    with torch.no_grad():
+        p = sequence_probabilities(problem).unsqueeze(1).expand_as(t.mask)
+        ids = pol.prefix_ids(t.prompt_ids, t.tokens)
+        on = t.mask > 0
+        visit = torch.zeros(pol.n_prefixes, dtype=torch.float64).index_add_(0, ids[on], p[on])
+    theta = problem.theta.detach().clone().requires_grad_(True)
+    log_pi = torch.log_softmax(theta, -1)
+    log_ref = torch.log_softmax(problem.ref_theta, -1)
+    if direction == "reverse":
+        div = (log_pi.exp() * (log_pi - log_ref)).sum(-1)
+    else:
+        div = (log_ref.exp() * (log_ref - log_pi)).sum(-1)
+    (g,) = torch.autograd.grad((visit * div).sum(), theta)
+    return g
 
 
 def exact_value_function(

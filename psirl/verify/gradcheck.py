@@ -19,8 +19,10 @@ Expectations (the exit code is 0 only if all hold):
   E[g] = c grad J.
 - "biased" -- std-scaled advantages (GRPO, DAPO, GSPO, CISPO; 002: "GRPO std-norm: a small
   bias"), k3 in the reward (001: biased), k1 in the loss (001: zero in expectation, so grad J's
-  KL part is missing), k2 and k3 in the loss (their gradients are those of other divergences;
-  001: "K3 Loss: biased"): the test MUST reject.
+  KL part is missing), k2 and k3 in the loss (001: "K3 Loss: biased"; in expectation they are
+  the gradients of the per-state reverse KL and of the per-state *forward* KL(pi_ref || pi)
+  with the state visits held fixed, ``exact.exact_statewise_kl_gradient``): the test MUST
+  reject.
 - the 001 table, on the KL-only objective (R = 0, J = -beta KL): k1/reward "unbiased",
   k3/reward "biased", k1/loss "zero in expectation", k3/loss "biased".
 - the variance per sample (``GradientStats.var_per_sample``, no KL) orders as 000 says:
@@ -43,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psirl import algorithms
-from psirl.verify.exact import TabularProblem, make_problem
+from psirl.verify.exact import TabularProblem, exact_statewise_kl_gradient, make_problem
 from psirl.verify.sampled import (
     SampledBatches,
     compare_to_exact,
@@ -106,7 +108,9 @@ def expected_verdict(estimator: str, kl: KLSetting) -> tuple[str, str]:
         return "biased", f"{kl.estimator} in reward (001: k3 in reward is biased)"
     if kl.estimator == "k1":
         return "biased", "k1 in loss: KL gradient zero in expectation (001)"
-    return "biased", f"{kl.estimator} in loss differentiates another divergence (001)"
+    if kl.estimator == "k2":
+        return "biased", "k2 in loss: per-state reverse KL, misses later states (001)"
+    return "biased", "k3 in loss: per-state forward KL(ref||pi) (001: k3 loss biased)"
 
 
 def _quiet_knobs(knobs: Any, kl: KLSetting, beta: float, group_size: int) -> Any:
@@ -151,39 +155,54 @@ def kl_placement_table(
     (estimator "none", so nothing else is in the gradient) is run with each KL setting. Two
     Hotelling tests per cell: E[g] = -beta grad KL (p_exact) and E[g] = 0 (p_zero). Verdict:
     p_exact >= alpha -> "unbiased"; else p_zero >= alpha -> "zero in expectation"; else
-    "biased". Returns one dict per cell (estimator, placement, verdict, expected, ok, cosine,
-    relative_bias, p_exact, p_zero, var_per_sample).
+    "biased". For information, each cell is also tested against -beta times the per-state
+    divergences of ``exact_statewise_kl_gradient`` ("per-state reverse KL", "per-state forward
+    KL(ref||pi)": the expected gradients of k2 and k3 in the loss); ``consistent_with`` lists
+    every target the cell is not rejected against. Returns one dict per cell (estimator,
+    placement, verdict, expected, ok, consistent_with, cosine, relative_bias,
+    mean_norm_over_exact_norm, p_exact, p_zero, var_per_sample).
     """
     kl_only = replace(problem, rewards=torch.zeros_like(problem.rewards))
     zero_batches = replace(batches, rewards=torch.zeros_like(batches.rewards))
     base = algorithms.resolve_preset("reinforce")
+    beta = problem.kl_coef
     expected = {
         ("k1", "reward"): "unbiased",
         ("k3", "reward"): "biased",
         ("k1", "loss"): "zero in expectation",
         ("k3", "loss"): "biased",
     }
-    reachable = problem.reachable
+    others = {
+        "per-state reverse KL": -beta * exact_statewise_kl_gradient(problem, "reverse"),
+        "per-state forward KL(ref||pi)": -beta * exact_statewise_kl_gradient(problem, "forward"),
+    }
     rows = []
     for (est, where), want in expected.items():
         kl = KLSetting(f"{est} {where}", "reward_token" if where == "reward" else "loss", est)
-        knobs = _quiet_knobs(base, kl, problem.kl_coef, batches.group_size)
+        knobs = _quiet_knobs(base, kl, beta, batches.group_size)
         stats, grads = estimate(kl_only, zero_batches, knobs)
-        zero = compare_to_exact(
-            grads.total,
-            reachable,
-            batches.batch_size,
-            advantaged=torch.zeros_like(stats.target),
-            kl_loss=torch.zeros_like(stats.target),
-            exact=stats.exact,
-            scale=1.0,
-        )
+
+        def p_against(target: torch.Tensor, g: torch.Tensor = grads.total) -> float:
+            return compare_to_exact(
+                g, problem.reachable, batches.batch_size, advantaged=target, scale=1.0
+            ).p_value
+
+        p_zero = p_against(torch.zeros_like(stats.target))
         if stats.p_value >= alpha:
             verdict = "unbiased"
-        elif zero.p_value >= alpha:
+        elif p_zero >= alpha:
             verdict = "zero in expectation"
         else:
             verdict = "biased"
+        consistent = [
+            name
+            for name, p in (
+                ("grad KL", stats.p_value),
+                ("zero", p_zero),
+                *((n, p_against(t)) for n, t in others.items()),
+            )
+            if p >= alpha
+        ]
         rows.append(
             {
                 "estimator": est,
@@ -191,11 +210,12 @@ def kl_placement_table(
                 "verdict": verdict,
                 "expected": want,
                 "ok": verdict == want,
+                "consistent_with": consistent,
                 "cosine": stats.cosine,
                 "relative_bias": stats.relative_bias,
                 "mean_norm_over_exact_norm": float(stats.mean.norm() / stats.exact.norm()),
                 "p_exact": stats.p_value,
-                "p_zero": zero.p_value,
+                "p_zero": p_zero,
                 "var_per_sample": stats.var_per_sample,
             }
         )
@@ -281,8 +301,9 @@ def run_gradcheck(
 
     seed: seeds the sampled batches (the problem itself is fixed: make_problem(seed=0));
     n_batches: M independent batches per setting (default DEFAULT_N_BATCHES = 4096; the same
-    M batches are reused by every row, common random numbers); json_path: where to write the result (None: do not write);
-    problem / group_size / presets: override the defaults (tests use fewer batches).
+    M batches are reused by every row, common random numbers); json_path: where to write the
+    result (None: do not write); problem / group_size / presets: override the defaults (the
+    aggregation table always uses the default problem, with and without EOS).
     Returns a JSON-friendly dict: "config", "rows" (one per preset x KL setting: preset, kl,
     estimator, aggregation, preset_kl, expected, reason, verdict, ok, cosine, relative_bias,
     var_per_sample, snr_per_sample, scale, scale_known, p_value, t2, dof), "kl_table" (see
@@ -315,7 +336,7 @@ def _run(
     names = tuple(algorithms.PRESETS) if presets is None else presets
     batches = sample_batches(problem, n_batches, group_size, seed)
     n_loss = sum(1 for k in KL_SETTINGS if k.placement == "loss")
-    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + 2 * 4 + len(AGGREGATION_CASES)
+    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + 4 * 4 + len(AGGREGATION_CASES)
     alpha = bonferroni_alpha(ALPHA_FAMILY, n_tests)
 
     rows: list[dict[str, Any]] = []
@@ -465,12 +486,12 @@ def format_kl_table(result: dict[str, Any]) -> Table:
                 row.append("-")
                 continue
             style = "" if c["ok"] else "[bold red]"
+            matches = ", ".join(c["consistent_with"]) or "none of the targets"
             row.append(
-                f"{style}{c['verdict']}[/] (|mean|/|exact| {c['mean_norm_over_exact_norm']:.2f}, "
-                f"p_exact {_fmt_p(c['p_exact'])}, p_zero {_fmt_p(c['p_zero'])})"
-                if style
-                else f"{c['verdict']} (|mean|/|exact| {c['mean_norm_over_exact_norm']:.2f}, "
-                f"p_exact {_fmt_p(c['p_exact'])}, p_zero {_fmt_p(c['p_zero'])})"
+                f"{style}{c['verdict']}{'[/]' if style else ''} "
+                f"(|mean|/|grad| {c['mean_norm_over_exact_norm']:.2f}, "
+                f"p vs grad KL {_fmt_p(c['p_exact'])}, p vs 0 {_fmt_p(c['p_zero'])}; "
+                f"consistent with: {matches})"
             )
         table.add_row(*row)
     return table

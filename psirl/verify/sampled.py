@@ -66,7 +66,6 @@ from psirl.core.masking import place_on_last_token
 from psirl.core.objective import policy_loss
 from psirl.verify.exact import (
     TabularProblem,
-    exact_expected_reward,
     exact_gradient,
     exact_kl_gradient,
     exact_value_function,
@@ -85,6 +84,7 @@ __all__ = [
     "build_token_rewards",
     "exact_critic",
     "per_batch_gradients",
+    "ExactTargets",
     "exact_targets",
     "compare_to_exact",
     "estimate",
@@ -606,7 +606,3 @@ def estimate(
         )
     return stats, grads
 
-
-def expected_reward(problem: TabularProblem) -> float:
-    """E[R] at problem.theta (convenience for reports)."""
-    return float(exact_expected_reward(problem))

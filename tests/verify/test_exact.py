@@ -10,6 +10,7 @@ from psirl.verify.exact import (
     exact_kl,
     exact_kl_gradient,
     exact_objective,
+    exact_statewise_kl_gradient,
     exact_value_function,
     make_problem,
 )
@@ -42,6 +43,17 @@ def test_bandit_closed_forms():
     assert torch.allclose(exact_kl_gradient(prob)[0], grad_kl)
     assert torch.allclose(exact_gradient(prob)[0], grad_r - beta * grad_kl)
     assert torch.allclose(exact_gradient(prob, kl_coef=0.0)[0], grad_r)
+
+
+def test_statewise_kl_gradients():
+    """H = 1: the per-state reverse KL is the KL; forward KL(ref||pi) has gradient pi - ref."""
+    prob, theta, ref, _ = _bandit(0.7)
+    assert torch.allclose(exact_statewise_kl_gradient(prob, "reverse"), exact_kl_gradient(prob))
+    fwd = torch.softmax(theta, -1) - torch.softmax(ref, -1)
+    assert torch.allclose(exact_statewise_kl_gradient(prob, "forward"), fwd)
+    # H = 3: holding the state visits fixed misses how a token changes the later KL terms
+    deep = make_problem()
+    assert not torch.allclose(exact_statewise_kl_gradient(deep), exact_kl_gradient(deep))
 
 
 def test_gradient_matches_central_differences():

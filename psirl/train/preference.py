@@ -1,0 +1,335 @@
+"""The preference loop: offline DPO / IPO / KTO / SimPO / ORPO, and online / iterative DPO.
+
+Offline, each step takes `optim.batch_size` pairs (KTO: samples) from the dataset; online
+(`preference.online`), each step samples `samples_per_prompt` completions for `optim.batch_size`
+prompts and pairs best vs worst by reward (psirl/train/preference_online.py). Then:
+
+    sequence log-probs of chosen and rejected under the policy (and the frozen reference, except
+    SimPO / ORPO) --core/preference.py--> per-pair loss, summed over micro-batches and divided
+    by the step's pair count --> one optimiser step
+
+`preference.ref_refresh_every = N` copies the policy into the reference every N steps
+(iterative DPO, ../shared/reference/001_dd55e9af3bef0bfc.txt "Iterative and Online DPO").
+Metrics include the chosen / rejected log-probs and implicit rewards: a growing margin with a
+falling `logps/chosen` is DPO's likelihood displacement (../shared/reference/003_e8bd019fa090e190.txt).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from psirl.core.preference import (
+    average_logps,
+    dpo_loss,
+    implicit_rewards,
+    ipo_loss,
+    kto_loss,
+    kto_reference_point,
+    log_odds,
+    orpo_loss,
+    preference_metrics,
+    simpo_loss,
+)
+from psirl.train.base import (
+    LoopSpec,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    run_loop,
+    split_microbatches,
+)
+from psirl.train.setup import build_policy, build_task, pad_prompt_completion
+
+SUMMARY_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "eval/rewards/accuracy",
+                "eval/accuracy_greedy")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Run the preference loop to `config.max_steps`; returns the run folder."""
+    return run_loop(config, build_preference, resume=resume, quiet=quiet,
+                    summary_keys=SUMMARY_KEYS)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` in eval mode with every parameter frozen (the reference policy)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """(log pi(y|x) summed over completion tokens [n] float32, completion lengths |y| [n] float32).
+
+    prompts / completions: token-id lists, padded to the shared layout (prompt left-padded,
+    completion right-padded; psirl/train/setup.py pad_prompt_completion). Differentiable when
+    called with gradients enabled.
+    """
+    from psirl.models.logprobs import token_logprobs
+
+    device = next(model.parameters()).device
+    ids, attn, cmask = pad_prompt_completion(prompts, completions, pad_id)
+    ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
+    logp, _ = token_logprobs(model, ids, attn, cmask.shape[1])
+    return (logp * cmask).sum(-1), cmask.sum(-1)
+
+
+def pair_logps(model, prompts, chosen, rejected, pad_id: int):
+    """Chosen and rejected rows in one forward: (logp_w [m], logp_l [m], len_w [m], len_l [m])."""
+    sums, lengths = sequence_logps(model, prompts + prompts, chosen + rejected, pad_id)
+    m = len(prompts)
+    return sums[:m], sums[m:], lengths[:m], lengths[m:]
+
+
+def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
+    """Per-pair loss [m] of `pcfg.loss` and the (detached) rewards shown in the metrics.
+
+    dpo / ipo: implicit rewards beta (log pi - log pi_ref); simpo: beta x average log-prob;
+    orpo: log odds of the average log-prob. ref_w / ref_l are None for SimPO / ORPO.
+    Returns (loss [m], chosen_reward [m], rejected_reward [m]).
+    """
+    name = pcfg.loss
+    if name == "dpo":
+        loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta,
+                        label_smoothing=pcfg.label_smoothing)
+    elif name == "ipo":
+        loss = ipo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta)
+    elif name == "simpo":
+        loss = simpo_loss(pol_w, pol_l, len_w, len_l, beta=pcfg.beta, gamma=pcfg.gamma)
+    elif name == "orpo":
+        loss = orpo_loss(pol_w, pol_l, len_w, len_l, lam=pcfg.orpo_lambda)
+    else:
+        raise ValueError(f"preference.loss: {name!r} is not a pairwise loss")
+    if name == "simpo":
+        rw = implicit_rewards(average_logps(pol_w, len_w), beta=pcfg.beta)
+        rl = implicit_rewards(average_logps(pol_l, len_l), beta=pcfg.beta)
+    elif name == "orpo":
+        rw = log_odds(average_logps(pol_w, len_w)).detach()
+        rl = log_odds(average_logps(pol_l, len_l)).detach()
+    else:
+        rw = implicit_rewards(pol_w, ref_w, beta=pcfg.beta)
+        rl = implicit_rewards(pol_l, ref_l, beta=pcfg.beta)
+    return loss, rw, rl
+
+
+def pair_update(model, ref_model, params, optimizer, scheduler, pairs, idx: list[int], *,
+                pcfg, optim, pad_id: int) -> dict[str, float]:
+    """One optimiser step on pairs[idx] (pairs: {"prompt","chosen","rejected"} id lists).
+
+    Loss = sum_i L_i / m over the step's m pairs, accumulated over `optim.grad_accum`
+    micro-batches. With m = 0 the optimiser and scheduler still step (no change).
+    Metrics: loss, grad_norm, pairs, rewards/* (before the update), logps/chosen, logps/rejected
+    (mean sequence log-prob sums under the policy).
+    """
+    m = len(idx)
+    total, rewards_w, rewards_l, logps_w, logps_l = 0.0, [], [], [], []
+    for mb in split_microbatches(m, optim.grad_accum) if m else []:
+        sel = idx[mb]
+        prompts = [pairs["prompt"][i] for i in sel]
+        chosen = [pairs["chosen"][i] for i in sel]
+        rejected = [pairs["rejected"][i] for i in sel]
+        pol_w, pol_l, len_w, len_l = pair_logps(model, prompts, chosen, rejected, pad_id)
+        ref_w = ref_l = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_w, ref_l, _, _ = pair_logps(ref_model, prompts, chosen, rejected, pad_id)
+        loss, rw, rl = pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l)
+        loss = loss.sum() / m
+        loss.backward()
+        total += float(loss.detach())
+        rewards_w.append(rw)
+        rewards_l.append(rl)
+        logps_w.append(pol_w.detach())
+        logps_l.append(pol_l.detach())
+    grad_norm = clip_and_step(params, optimizer, scheduler, optim.grad_clip)
+    metrics = {"loss": total, "grad_norm": grad_norm, "pairs": float(m)}
+    if m:
+        metrics.update(preference_metrics(torch.cat(rewards_w), torch.cat(rewards_l)))
+        metrics["logps/chosen"] = float(torch.cat(logps_w).mean())
+        metrics["logps/rejected"] = float(torch.cat(logps_l).mean())
+    return metrics
+
+
+def kto_update(model, ref_model, params, optimizer, scheduler, samples, idx: list[int], *,
+               pcfg, optim, pad_id: int) -> dict[str, float]:
+    """One KTO optimiser step on samples[idx] ({"prompt","completion"} id lists, "label" bools).
+
+    The reference point z0 (detached) is estimated once per step from mismatched pairs: prompt
+    idx[j] with the completion of idx[j+1] (cyclically), as in the KTO paper.
+    Metrics: loss, grad_norm, kto/z0, rewards/desirable, rewards/undesirable (implicit rewards).
+    """
+    n = len(idx)
+    shifted = idx[1:] + idx[:1]
+    mism_p, mism_r = [], []
+    with torch.no_grad():
+        for mb in split_microbatches(n, optim.grad_accum):
+            prompts = [samples["prompt"][i] for i in idx[mb]]
+            wrong = [samples["completion"][i] for i in shifted[mb]]
+            mism_p.append(sequence_logps(model, prompts, wrong, pad_id)[0])
+            mism_r.append(sequence_logps(ref_model, prompts, wrong, pad_id)[0])
+    z0 = kto_reference_point(torch.cat(mism_p), torch.cat(mism_r))
+    total, rewards, labels = 0.0, [], []
+    for mb in split_microbatches(n, optim.grad_accum):
+        sel = idx[mb]
+        prompts = [samples["prompt"][i] for i in sel]
+        completions = [samples["completion"][i] for i in sel]
+        desirable = torch.tensor([samples["label"][i] for i in sel], device=z0.device)
+        pol, _ = sequence_logps(model, prompts, completions, pad_id)
+        with torch.no_grad():
+            ref, _ = sequence_logps(ref_model, prompts, completions, pad_id)
+        loss = kto_loss(pol, ref, desirable, z0, beta=pcfg.beta,
+                        desirable_weight=pcfg.kto_desirable_weight,
+                        undesirable_weight=pcfg.kto_undesirable_weight).sum() / n
+        loss.backward()
+        total += float(loss.detach())
+        rewards.append(implicit_rewards(pol, ref, beta=pcfg.beta))
+        labels.append(desirable)
+    grad_norm = clip_and_step(params, optimizer, scheduler, optim.grad_clip)
+    r, lab = torch.cat(rewards), torch.cat(labels)
+    metrics = {"loss": total, "grad_norm": grad_norm, "kto/z0": float(z0)}
+    if bool(lab.any()):
+        metrics["rewards/desirable"] = float(r[lab].mean())
+    if bool((~lab).any()):
+        metrics["rewards/undesirable"] = float(r[~lab].mean())
+    return metrics
+
+
+@torch.no_grad()
+def pair_eval(model, ref_model, pairs, *, pcfg, pad_id: int, batch_size: int = 32):
+    """Held-out metrics on every pair: eval/loss and eval/rewards/* (accuracy: ties count 1/2).
+
+    KTO is scored by its implicit reward with the DPO loss (the same r_hat = beta log pi/pi_ref).
+    """
+    n = len(pairs["prompt"])
+    losses, rewards_w, rewards_l = [], [], []
+    cfg = pcfg if pcfg.loss != "kto" else pcfg.model_copy(update={"loss": "dpo"})
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        args = (pairs["prompt"][sl], pairs["chosen"][sl], pairs["rejected"][sl], pad_id)
+        pol_w, pol_l, len_w, len_l = pair_logps(model, *args)
+        ref_w = ref_l = None
+        if ref_model is not None:
+            ref_w, ref_l, _, _ = pair_logps(ref_model, *args)
+        loss, rw, rl = pair_loss(cfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l)
+        losses.append(loss)
+        rewards_w.append(rw)
+        rewards_l.append(rl)
+    out = {"eval/loss": float(torch.cat(losses).mean())}
+    out.update({f"eval/{k}": v for k, v in
+                preference_metrics(torch.cat(rewards_w), torch.cat(rewards_l)).items()})
+    return out
+
+
+def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
+    """The LoopSpec of the preference loop (see module docstring).
+
+    reward_fn: the online loop's RewardFn; defaults to `build_reward(config, task)`
+    (psirl/train/rewards.py). Ignored offline.
+    """
+    from psirl.train.preference_data import (
+        encode_pairs,
+        eval_pairs,
+        labelled_samples,
+        train_pairs,
+    )
+    from psirl.train.setup import encode_texts, eval_records
+    from psirl.train.sft import epoch_batch_indices
+
+    pcfg, optim = config.preference, config.optim
+    model, tokenizer = build_policy(config, run_dir)
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    task = build_task(config)
+    ref_model = None if pcfg.loss in REFERENCE_FREE else frozen_copy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, optim)
+    scheduler = build_scheduler(optimizer, optim, config.max_steps)
+    models = {"policy": model}
+    if pcfg.ref_refresh_every > 0:
+        models["reference"] = ref_model  # refreshed weights must survive a resume
+
+    held_out = [] if pcfg.labelled else eval_pairs(config, tokenizer, task)
+    held_out_ids = encode_pairs(tokenizer, held_out) if held_out else None
+    eval_recs = eval_records(config, task) if task is not None else []
+
+    engine = None
+    if pcfg.online:
+        step_data, engine = _online_data(config, model, tokenizer, task, reward_fn)
+    elif pcfg.loss == "kto":
+        samples = labelled_samples(config, tokenizer, task)
+        data = {"prompt": encode_texts(tokenizer, [s["prompt"] for s in samples]),
+                "completion": encode_texts(tokenizer, [s["completion"] for s in samples],
+                                           add_eos=True),
+                "label": [s["label"] for s in samples]}
+
+        def step_data(step_index, generator):
+            idx = epoch_batch_indices(len(samples), optim.batch_size, step_index, config.seed)
+            return data, idx, {}
+    else:
+        data = encode_pairs(tokenizer, train_pairs(config, tokenizer, task))
+
+        def step_data(step_index, generator):
+            n = len(data["prompt"])
+            return data, epoch_batch_indices(n, optim.batch_size, step_index, config.seed), {}
+
+    update = kto_update if pcfg.loss == "kto" else pair_update
+
+    def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
+        every = pcfg.ref_refresh_every
+        if every and step_index > 0 and step_index % every == 0:
+            ref_model.load_state_dict(model.state_dict())
+        batch, idx, metrics = step_data(step_index, generator)
+        metrics.update(update(model, ref_model, params, optimizer, scheduler, batch, idx,
+                              pcfg=pcfg, optim=optim, pad_id=pad_id))
+        if engine is not None:
+            engine.sync(model)  # the next step samples from the updated policy
+        return metrics
+
+    def evaluate(step_index: int) -> dict[str, float]:
+        out = {}
+        if held_out_ids is not None:
+            out.update(pair_eval(model, ref_model, held_out_ids, pcfg=pcfg, pad_id=pad_id))
+        if task is not None and eval_recs:
+            from psirl.train.evaluation import eval_metrics
+
+            out.update(eval_metrics(model, tokenizer, eval_recs, task.reward,
+                                    max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
+                                    greedy=config.eval.greedy, sampled=config.eval.sampled))
+        return out
+
+    return LoopSpec(models=models, tokenizer=tokenizer, optimizers={"policy": optimizer},
+                    schedulers={"policy": scheduler}, step=step, evaluate=evaluate)
+
+
+def _online_data(config, model, tokenizer, task, reward_fn):
+    """(step_data, engine) for online DPO; step_data(step, generator) -> (pairs, indices of all
+    pairs, sampling metrics), drawing the prompts and the sampling seed from `generator`."""
+    from psirl.data.templates import render_prompt
+    from psirl.rollout.hf_engine import HFEngine
+    from psirl.train.online import load_prompt_records
+    from psirl.train.preference_online import sample_online_pairs
+
+    if reward_fn is None:
+        from psirl.train.rewards import build_reward
+
+        reward_fn = build_reward(config, task)
+    records = load_prompt_records(config, task)
+    texts = [render_prompt(tokenizer, r["prompt"], chat=config.data.chat) for r in records]
+    engine = HFEngine(model, tokenizer)
+    pcfg = config.preference
+
+    def step_data(step_index, generator):
+        order = torch.randperm(len(records), generator=generator)[: config.optim.batch_size]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        chosen = order.tolist()
+        pairs, metrics = sample_online_pairs(
+            engine, [records[i] for i in chosen], [texts[i] for i in chosen], reward_fn,
+            samples_per_prompt=pcfg.samples_per_prompt, temperature=pcfg.temperature,
+            max_new_tokens=pcfg.max_new_tokens, seed=seed)
+        return pairs, list(range(len(pairs["prompt"]))), metrics
+
+    return step_data, engine

@@ -1,0 +1,195 @@
+"""Self-training (loop "self_training"): STaR, ReST and RAFT as one sample -> filter -> SFT loop.
+
+    for each round t:
+      grow:    sample K completions for each of optim.batch_size prompts; score them (reward)
+               [STaR rationalisation: prompts with no kept sample are re-sampled with the answer
+                as a hint; kept rationales are stored with the ORIGINAL prompt, without the hint]
+      improve: for each SFT step of the round, keep the samples the method's filter accepts
+               (core/filters.py) and take one SFT step on them (train/sft_update.py)
+
+Filters (``select_samples``): STaR keeps reward >= reward_threshold; ReST's improve step i keeps
+reward >= rest_thresholds[i] (non-decreasing, so later steps train on a better subset); RAFT
+keeps the top_k (default 1) of each prompt. ``top_k`` also caps STaR / ReST per prompt.
+A round lasts ``sft_steps_per_round`` steps (ReST: that times the number of thresholds); the
+round's samples live in the loop state, so a resumed run continues the same round.
+
+Reference: ../shared/reference/000_7914f6881bc4a22c.txt ("Self-Training", "The iterated SFT
+loop", "STaR, ReST, RAFT").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from psirl.core.filters import threshold_keep, top_k_per_group
+from psirl.train.base import LoopSpec, build_optimizer, build_scheduler, run_loop
+
+SUMMARY_KEYS = ("loss", "reward/mean", "self_training/kept", "eval/accuracy_greedy")
+
+
+def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Run STaR / ReST / RAFT (`self_training.method`) to `config.max_steps`; returns the run folder."""
+    return run_loop(config, build_self_training, resume=resume, quiet=quiet,
+                    summary_keys=SUMMARY_KEYS)
+
+
+def select_samples(method: str, rewards: torch.Tensor, group_ids: torch.Tensor, *,
+                   threshold: float, top_k: int | None) -> torch.Tensor:
+    """Which samples a self-training filter keeps: bool [B].
+
+    star / rest: keep_i = R_i >= threshold, and (top_k set) i among the top_k of its group;
+    raft:        keep_i = i among the top_k (None -> 1) highest rewards of its group
+                 (ties broken by lower index; core/filters.py top_k_per_group).
+    rewards: [B] float; group_ids: [B] long (one group per prompt).
+    """
+    if method == "raft":
+        return top_k_per_group(rewards, group_ids, top_k or 1)
+    if method not in ("star", "rest"):
+        raise ValueError(f"self_training.method: unknown method {method!r}")
+    keep = threshold_keep(rewards, threshold)
+    if top_k is not None:
+        keep &= top_k_per_group(rewards, group_ids, top_k)
+    return keep
+
+
+def round_length(st) -> int:
+    """SFT steps per grow round: sft_steps_per_round (ReST: times the number of thresholds)."""
+    return st.sft_steps_per_round * (len(st.rest_thresholds) if st.method == "rest" else 1)
+
+
+def step_threshold(st, position: int) -> float:
+    """The reward threshold of the step at `position` within its round (ReST's schedule)."""
+    if st.method == "rest":
+        return st.rest_thresholds[position // st.sft_steps_per_round]
+    return st.reward_threshold
+
+
+def _samples_of(batch, rewards: list[float], prompt_ids: list[list[int]], prompt_rows: list[int],
+                rationalised: bool) -> list[dict]:
+    """One JSON-able dict per sampled row: prompt/completion ids, reward, group, rationalised."""
+    out = []
+    for row in range(len(batch)):
+        g = int(batch.group_ids[row])
+        completion = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+        out.append({"prompt_ids": prompt_ids[g], "completion_ids": completion,
+                    "reward": float(rewards[row]), "group": prompt_rows[g],
+                    "rationalised": rationalised})
+    return out
+
+
+def grow(engine, records: list[dict], texts: list[str], reward_fn, st, seed: int):
+    """Sample and score one round. Returns (samples, metrics).
+
+    records / texts: the round's prompt records and their rendered prompt texts; groups are
+    numbered 0..len(records)-1. STaR with `rationalize`: the prompts none of whose samples
+    reach reward_threshold are re-sampled from `hint_template` (needs record["answer"]); the
+    rationales are scored against the original prompt and record, and stored with the original
+    prompt's ids so SFT trains on them WITHOUT the hint.
+    """
+    from psirl.rollout.batch import SamplingParams
+
+    params = SamplingParams(temperature=st.temperature, max_new_tokens=st.max_new_tokens,
+                            n=st.samples_per_prompt, seed=seed)
+    prompt_ids = engine.encode_prompts(texts)
+    batch = engine.generate(texts, params)
+    recs = [records[int(g)] for g in batch.group_ids]
+    rewards = reward_fn([texts[int(g)] for g in batch.group_ids], batch.completions, recs)
+    samples = _samples_of(batch, rewards, prompt_ids, list(range(len(records))), False)
+    metrics = {"reward/mean": sum(rewards) / len(rewards)}
+    if st.method == "star" and st.rationalize:
+        solved = {s["group"] for s in samples if s["reward"] >= st.reward_threshold}
+        failed = [g for g in range(len(records)) if g not in solved]
+        metrics["star/rationalised_prompts"] = float(len(failed))
+        if failed:
+            for g in failed:
+                if "answer" not in records[g]:
+                    raise ValueError(f"self_training.rationalize: prompt record {g} has no "
+                                     f"'answer' field to use as the hint")
+            hinted = [st.hint_template.format(prompt=texts[g], answer=records[g]["answer"])
+                      for g in failed]
+            hint_batch = engine.generate(hinted, params)
+            originals = [failed[int(g)] for g in hint_batch.group_ids]
+            hint_rewards = reward_fn([texts[g] for g in originals], hint_batch.completions,
+                                     [records[g] for g in originals])
+            samples += _samples_of(hint_batch, hint_rewards, [prompt_ids[g] for g in failed],
+                                   failed, True)
+    return samples, metrics
+
+
+def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
+    """The LoopSpec of STaR / ReST / RAFT. reward_fn: defaults to `build_reward(config, task)`."""
+    from psirl.data.templates import render_prompt
+    from psirl.rollout.hf_engine import HFEngine
+    from psirl.train.online import load_prompt_records
+    from psirl.train.setup import build_policy, build_task, eval_records
+    from psirl.train.sft import epoch_batch_indices
+    from psirl.train.sft_update import sft_update
+
+    st, optim = config.self_training, config.optim
+    model, tokenizer = build_policy(config, run_dir)
+    task = build_task(config)
+    if reward_fn is None:
+        from psirl.train.rewards import build_reward
+
+        reward_fn = build_reward(config, task)
+    records = load_prompt_records(config, task)
+    texts = [render_prompt(tokenizer, r["prompt"], chat=config.data.chat) for r in records]
+    engine = HFEngine(model, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, optim)
+    scheduler = build_scheduler(optimizer, optim, config.max_steps)
+    eval_recs = eval_records(config, task) if task is not None else []
+    per_round = round_length(st)
+    state: dict = {"round": -1, "samples": [], "grow_metrics": {}}
+
+    def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
+        round_index, position = divmod(step_index, per_round)
+        if state["round"] != round_index:
+            rows = epoch_batch_indices(len(records), optim.batch_size, round_index, config.seed)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            samples, grow_metrics = grow(engine, [records[i] for i in rows],
+                                         [texts[i] for i in rows], reward_fn, st, seed)
+            state.update(round=round_index, samples=samples, grow_metrics=grow_metrics)
+        samples = state["samples"]
+        threshold = step_threshold(st, position)
+        keep = select_samples(
+            st.method, torch.tensor([s["reward"] for s in samples], dtype=torch.float32),
+            torch.tensor([s["group"] for s in samples], dtype=torch.long),
+            threshold=threshold, top_k=st.top_k).tolist()
+        kept = [s for s, k in zip(samples, keep, strict=True) if k]
+        metrics = dict(state["grow_metrics"])
+        metrics.update(sft_update(model, params, optimizer, scheduler,
+                                  [s["prompt_ids"] for s in kept],
+                                  [s["completion_ids"] for s in kept],
+                                  pad_id=tokenizer.pad_token_id, grad_accum=optim.grad_accum,
+                                  grad_clip=optim.grad_clip))
+        metrics.update({
+            "self_training/samples": float(len(samples)),
+            "self_training/kept": float(len(kept)),
+            "self_training/threshold": float(threshold),
+        })
+        if st.method == "star":
+            metrics["star/rationalised_kept"] = float(sum(s["rationalised"] for s in kept))
+        engine.sync(model)
+        return metrics
+
+    def evaluate(step_index: int) -> dict[str, float]:
+        if task is None or not eval_recs:
+            return {}
+        from psirl.train.evaluation import eval_metrics
+
+        return eval_metrics(model, tokenizer, eval_recs, task.reward,
+                            max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
+                            greedy=config.eval.greedy, sampled=config.eval.sampled)
+
+    def get_state() -> dict:
+        return dict(state)
+
+    def set_state(saved: dict) -> None:
+        state.update(saved)
+
+    return LoopSpec(models={"policy": model}, tokenizer=tokenizer,
+                    optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
+                    step=step, evaluate=evaluate, get_state=get_state, set_state=set_state)
