@@ -159,11 +159,15 @@ class LoopSpec:
 
 
 def _rng_state() -> dict:
+    """The global RNG states as tensors and plain Python values (no NumPy objects), so that
+    trainer_state.pt loads with ``torch.load(weights_only=True)``: resuming never unpickles code."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
     except ImportError:
         pass
     return state
@@ -171,11 +175,14 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached"]))
 
 
 def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2) -> Path:
@@ -231,7 +238,7 @@ def load_checkpoint(ckpt: Path, spec: LoopSpec) -> int:
     ckpt = Path(ckpt)
     for name, module in spec.models.items():
         load_model(module, str(ckpt / f"{name}.safetensors"))
-    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     for k, o in spec.optimizers.items():
         o.load_state_dict(trainer_state["optimizers"][k])
     for k, s in spec.schedulers.items():

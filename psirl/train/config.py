@@ -82,6 +82,7 @@ class TinyModelConfig(_Section):
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(128, gt=0)
+    alphabet: str | None = None  # characters the tokenizer keeps (None: all bytes)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:

@@ -229,14 +229,14 @@ def build_online(config, run_dir: Path) -> LoopSpec:
                         entropy=entropy, kl_coef=beta,
                     )
                     loss.backward()
-                    lm["loss/policy"] = float(loss)
+                    lm["loss/policy"] = float(loss.detach())
                     if value_model is not None:
                         values = value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
                         vloss = knobs.value.vf_coef * clipped_value_loss(
                             values, old_values[rows], returns[rows], mask[rows],
                             knobs.value.value_clip, v_norm)
                         vloss.backward()
-                        lm["loss/value"] = float(vloss)
+                        lm["loss/value"] = float(vloss.detach())
                     for k, v in lm.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n_updates += 1

@@ -55,6 +55,7 @@ def policy_path(config, run_dir: Path) -> Path:
             num_layers=tiny.num_layers,
             num_heads=tiny.num_heads,
             intermediate_size=tiny.intermediate_size,
+            alphabet=tiny.alphabet,
             seed=config.seed,
         )
         shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older, killed run

@@ -1,0 +1,323 @@
+"""psirl vs TRL benchmarks (`make bench`). Each library runs in its own subprocess.
+
+Sections (pick with --sections, comma-separated; default: all):
+
+  grpo     GRPO step on the tiny Qwen2 (4 layers, hidden 256, char vocabulary), 8 prompts x 8
+           completions, 16 new tokens: median s/step, steps/s, tokens/s, peak RSS, and the step's
+           model FLOPs as a percentage of this machine's fp32 matmul throughput (measured here).
+  learn    From the same SFT checkpoint: training seconds until held-out greedy accuracy >= target.
+  logprob  Peak memory of psirl token_logprobs vs a naive log_softmax, vocab 32k..152k, 1k tokens.
+  vocab    The GRPO step again with a 32k vocabulary and 128-token completions.
+  gpu      Qwen2-0.5B shape (random weights) on CUDA, both libraries, + generation tokens/s.
+           Skipped (and recorded as skipped) when CUDA is absent.
+
+    .venv/bin/python benchmarks/run.py                       # everything, ~15-20 min on 2 cores
+    .venv/bin/python benchmarks/run.py --sections grpo --steps 15
+    .venv/bin/python benchmarks/run.py --update-results      # also rewrite benchmarks/RESULTS.md
+
+Results: runs/bench/results.json and runs/bench/results.md (tables); --update-results replaces
+the generated block of benchmarks/RESULTS.md (between the bench:begin / bench:end markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+SECTIONS = ("grpo", "learn", "logprob", "vocab", "gpu")
+LIBS = {"trl": "trl_grpo.py", "psirl": "psirl_grpo.py"}
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def grpo_section(shape: C.Shape, libs: list[str], steps: int | None, matmul_gflops: float) -> dict:
+    """Both libraries on one shape; returns {lib: summary}."""
+    ckpt = C.prepare_checkpoint(shape)
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(ckpt)
+    out = {}
+    for lib in libs:
+        args = ["--shape", shape.name, "--ckpt", str(ckpt), "--gen-bench"]
+        if steps is not None:
+            args += ["--steps", str(steps)]
+        log(f"grpo[{shape.name}] {lib} ...")
+        raw = C.run_worker(LIBS[lib], args)
+        out[lib] = summarise_grpo(raw, model_cfg, matmul_gflops)
+        log(f"grpo[{shape.name}] {lib}: " + (raw.get("error") or
+            f"{out[lib]['median_step_s']:.3f} s/step, peak RSS {out[lib]['peak_rss_mb']:.0f} MB"))
+    return out
+
+
+def summarise_grpo(raw: dict, model_cfg, matmul_gflops: float) -> dict:
+    if "error" in raw:
+        return raw
+    w = raw["warmup"]
+    times = raw["step_times"][w:]
+    lens = [x for x in raw["completion_len_per_step"][w:] if x is not None]
+    median = statistics.median(times)
+    comp_len = statistics.mean(lens)
+    batch = raw["batch"]
+    flops = batch * C.model_flops_per_sequence(model_cfg, raw["prompt_len"], comp_len)
+    summary = {
+        "measured_steps": len(times),
+        "median_step_s": median,
+        "steps_per_s": 1.0 / median,
+        "step_s_p10_p90": [_quantile(times, 0.1), _quantile(times, 0.9)],
+        "completion_len": comp_len,
+        "completion_tokens_per_s": batch * comp_len / median,
+        "tokens_per_s": batch * (raw["prompt_len"] + comp_len) / median,
+        "model_gflop_per_step": flops / 1e9,
+        "pct_of_matmul_peak": 100.0 * flops / median / (matmul_gflops * 1e9),
+        "peak_rss_mb": raw["peak_rss_mb"],
+        "peak_train_rss_mb": raw["peak_train_rss_mb"],
+        "rss_after_imports_mb": raw["rss_after_imports_mb"],
+        "train_wall_s": raw["train_wall_s"],
+        "mean_reward": statistics.mean(x for x in raw["reward_per_step"] if x is not None),
+        "raw": raw,
+    }
+    if "generation" in raw:
+        summary["generation_tokens_per_s"] = raw["generation"]["tokens_per_s"]
+    if "phase_times" in raw:
+        summary["phase_median_s"] = {k.split("/")[-1]: statistics.median(v[w:])
+                                     for k, v in raw["phase_times"].items() if v and None not in v}
+    return summary
+
+
+def learn_section(shape: C.Shape, libs: list[str], target: float, max_steps: int,
+                  eval_every: int) -> dict:
+    ckpt = C.prepare_checkpoint(shape)
+    out = {}
+    for lib in libs:
+        log(f"learn {lib}: target {target}, at most {max_steps} steps ...")
+        raw = C.run_worker(LIBS[lib], ["--shape", shape.name, "--ckpt", str(ckpt), "--mode", "learn",
+                                       "--target", str(target), "--max-steps", str(max_steps),
+                                       "--eval-every", str(eval_every)])
+        if "error" in raw:
+            out[lib] = raw
+            log(f"learn {lib}: {raw['error']}")
+            continue
+        curve = raw["curve"]
+        hit = next((c for c in curve if c["accuracy"] >= target), None)
+        out[lib] = {
+            "start_accuracy": curve[0]["accuracy"] if curve else None,
+            "target": target,
+            "reached": hit is not None,
+            "steps_to_target": hit["step"] if hit else None,
+            "train_s_to_target": hit["train_s"] if hit else None,
+            "best_accuracy": max((c["accuracy"] for c in curve), default=None),
+            "steps_run": len(raw["step_times"]),
+            "median_step_s": statistics.median(raw["step_times"]) if raw["step_times"] else None,
+            "curve": curve,
+        }
+        log(f"learn {lib}: start {out[lib]['start_accuracy']}, reached={hit is not None} "
+            f"at step {out[lib]['steps_to_target']} after {out[lib]['train_s_to_target']} s")
+    return out
+
+
+def logprob_section(vocabs: list[int], tokens: int) -> list[dict]:
+    from logprob_memory import METHODS
+
+    rows = []
+    for vocab in vocabs:
+        for method in METHODS:
+            log(f"logprob V={vocab} {method} ...")
+            raw = C.run_worker("logprob_memory.py", ["--vocab", str(vocab), "--method", method,
+                                                      "--tokens", str(tokens)])
+            rows.append(raw)
+    return rows
+
+
+def gpu_section(libs: list[str], steps: int | None) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "CUDA is not available on this machine"}
+    shape = C.SHAPES["qwen0.5b-gpu"]
+    ckpt = C.prepare_checkpoint(shape)
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(ckpt)
+    out = {"gpu": torch.cuda.get_device_name(0), "shape": shape.name}
+    for lib in libs:
+        args = ["--shape", shape.name, "--ckpt", str(ckpt), "--gen-bench"]
+        if steps is not None:
+            args += ["--steps", str(steps)]
+        log(f"gpu {lib} ...")
+        raw = C.run_worker(LIBS[lib], args)
+        # matmul peak is a CPU number; on GPU report s/step and tokens/s only
+        out[lib] = summarise_grpo(raw, model_cfg, float("nan"))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def _fmt(x, nd=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def grpo_table(res: dict, title: str) -> list[str]:
+    lines = [f"#### {title}", "",
+             "| library | median s/step | p10-p90 s | steps/s | completion tokens/s | mean completion len | "
+             "peak RSS MB (process) | peak RSS MB (from trainer build) | model GFLOP/step | % of fp32 matmul peak | "
+             "generation tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lib, s in res.items():
+        if not isinstance(s, dict) or "median_step_s" not in s:
+            lines.append(f"| {lib} | error: {s.get('error') if isinstance(s, dict) else s} |")
+            continue
+        lines.append(
+            f"| {lib} | {s['median_step_s']:.3f} | {s['step_s_p10_p90'][0]:.3f}-{s['step_s_p10_p90'][1]:.3f} | "
+            f"{s['steps_per_s']:.2f} | {s['completion_tokens_per_s']:.0f} | {s['completion_len']:.2f} | "
+            f"{s['peak_rss_mb']:.0f} | {s['peak_train_rss_mb']:.0f} | {s['model_gflop_per_step']:.2f} | "
+            f"{s['pct_of_matmul_peak']:.2f} | {_fmt(s.get('generation_tokens_per_s'), 0)} |")
+    if all(isinstance(res.get(k), dict) and "median_step_s" in res[k] for k in ("trl", "psirl")):
+        t, p = res["trl"], res["psirl"]
+        lines += ["", f"psirl speed-up (TRL s/step / psirl s/step): **{t['median_step_s'] / p['median_step_s']:.2f}x**; "
+                  f"peak RSS psirl / TRL: **{p['peak_rss_mb'] / t['peak_rss_mb']:.2f}** (process), "
+                  f"**{p['peak_train_rss_mb'] / t['peak_train_rss_mb']:.2f}** (from trainer build)."]
+        if "phase_median_s" in p:
+            ph = ", ".join(f"{k} {v:.3f} s" for k, v in p["phase_median_s"].items())
+            lines += ["", f"psirl phases (median): {ph}."]
+    return lines + [""]
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Command: `{results['command']}`  ", f"Date: {results['date']}  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; torch threads = {m['threads']}; "
+             f"Python {m['python']}; torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
+             f"accelerate {m['accelerate']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + "  ",
+             f"fp32 matmul throughput (torch.matmul 1024x1024, {m['threads']} threads, best of 20): "
+             f"**{results['matmul_gflops']:.1f} GFLOP/s**", ""]
+    if "grpo" in results:
+        lines += grpo_table(results["grpo"], "1 + 3. GRPO step, tiny Qwen2 (char vocabulary), 8x8, 16 new tokens")
+    if "vocab" in results:
+        lines += grpo_table(results["vocab"], "6. GRPO step, 32k vocabulary, 128-token completions (random model)")
+    if "learn" in results:
+        lines += ["#### 2. Learning efficiency (same SFT checkpoint, held-out greedy accuracy)", "",
+                  "| library | accuracy at step 0 | target | reached | steps to target | training s to target | best accuracy | median s/step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for lib, s in results["learn"].items():
+            if "error" in s:
+                lines.append(f"| {lib} | error: {s['error']} |")
+                continue
+            lines.append(f"| {lib} | {_fmt(s['start_accuracy'])} | {s['target']} | {s['reached']} | "
+                         f"{_fmt(s['steps_to_target'])} | {_fmt(s['train_s_to_target'], 1)} | "
+                         f"{_fmt(s['best_accuracy'])} | {_fmt(s['median_step_s'])} |")
+        lines.append("")
+    if "logprob" in results:
+        lines += ["#### 4. Log-prob memory (1 sequence, 8 prompt + 1024 completion tokens, hidden 256)", "",
+                  "| vocab | method | fp32 [T,V] logits MB | peak extra MB forward | peak extra MB fwd+bwd | s fwd | s fwd+bwd |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["logprob"]:
+            if "error" in r:
+                lines.append(f"| - | error: {r['error']} |")
+                continue
+            f, fb = r["forward"], r["forward_backward"]
+            lines.append(f"| {r['vocab']} | {r['method']} | {r['logits_fp32_mb']:.0f} | {_fmt(f['peak_extra_mb'], 0)} | "
+                         f"{_fmt(fb['peak_extra_mb'], 0)} | {f['seconds']:.2f} | {fb['seconds']:.2f} |")
+        lines.append("")
+    if "gpu" in results:
+        g = results["gpu"]
+        if "skipped" in g:
+            lines += ["#### 5. GPU", "", f"Skipped: {g['skipped']}.", ""]
+        else:
+            lines += grpo_table({k: v for k, v in g.items() if k in LIBS},
+                                f"5. GPU ({g['gpu']}): Qwen2-0.5B shape, random weights")
+    return "\n".join(lines)
+
+
+def update_results_md(text: str) -> Path:
+    path = C.HERE / "RESULTS.md"
+    old = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in old or END not in old:
+        old = old.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = old.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--libs", default="trl,psirl")
+    ap.add_argument("--steps", type=int, default=None, help="measured GRPO steps (default per shape)")
+    ap.add_argument("--learn-target", type=float, default=0.15)
+    ap.add_argument("--learn-max-steps", type=int, default=150)
+    ap.add_argument("--learn-eval-every", type=int, default=10)
+    ap.add_argument("--vocabs", default="32768,65536,151936")
+    ap.add_argument("--logprob-tokens", type=int, default=1024)
+    ap.add_argument("--out", default=str(C.CACHE / "results.json"))
+    ap.add_argument("--update-results", action="store_true", help="rewrite benchmarks/RESULTS.md's table block")
+    args = ap.parse_args(argv)
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"--sections: unknown {sorted(unknown)}; known: {SECTIONS}")
+    libs = [x.strip() for x in args.libs.split(",") if x.strip()]
+    C.CACHE.mkdir(parents=True, exist_ok=True)
+    C.set_threads()
+    results = {"command": " ".join([Path(sys.executable).name, *map(shlex.quote, sys.argv)]),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": C.machine_info(),
+               "matmul_gflops": C.matmul_gflops()}
+    log(f"fp32 matmul: {results['matmul_gflops']:.1f} GFLOP/s on {C.THREADS} threads")
+    t0 = time.perf_counter()
+    for section in sections:
+        if section == "grpo":
+            results["grpo"] = grpo_section(C.SHAPES["tiny"], libs, args.steps, results["matmul_gflops"])
+        elif section == "vocab":
+            results["vocab"] = grpo_section(C.SHAPES["vocab32k"], libs, None, results["matmul_gflops"])
+        elif section == "learn":
+            results["learn"] = learn_section(C.SHAPES["tiny"], libs, args.learn_target,
+                                             args.learn_max_steps, args.learn_eval_every)
+        elif section == "logprob":
+            results["logprob"] = logprob_section([int(v) for v in args.vocabs.split(",")],
+                                                 args.logprob_tokens)
+        elif section == "gpu":
+            results["gpu"] = gpu_section(libs, args.steps)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    results["total_s"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    text = render(results)
+    md = Path(args.out).with_suffix(".md")
+    md.write_text(text + "\n")
+    print(text)
+    log(f"done in {results['total_s']:.0f} s; {args.out}, {md}")
+    if args.update_results:
+        log(f"updated {update_results_md(text)}")
+
+
+if __name__ == "__main__":
+    main()

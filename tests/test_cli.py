@@ -1,0 +1,89 @@
+"""The `psirl` command: a thin shell over the library (`algorithms`, `report`, `train`)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from psirl.cli import app
+from psirl.track.metrics import MetricsLogger, read_metrics
+
+PRESET_NAMES = {"reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo",
+                "cispo"}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_algorithms_json_lists_the_nine_presets():
+    result = invoke("algorithms", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [row["method"] for row in rows] == [
+        "reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo"]
+    assert set(rows[0]) == {"method", "baseline", "advantage_unit", "ratio_clip_unit",
+                            "length_handling", "kl", "paper"}
+    assert all(row["paper"] for row in rows)
+    by_name = {row["method"]: row for row in rows}
+    assert "GAE" in by_name["ppo"]["advantage_unit"]
+
+
+def test_algorithms_table_names_every_preset():
+    result = invoke("algorithms")
+    assert result.exit_code == 0, result.output
+    for name in PRESET_NAMES:
+        assert name in result.output
+
+
+def test_report_writes_report_html(tmp_path):
+    run = tmp_path / "run"
+    with MetricsLogger(run) as logger:
+        for step in range(1, 6):
+            logger.log(step, {"loss": 1.0 / step, "eval/accuracy": step / 10})
+    result = invoke("report", str(run))
+    assert result.exit_code == 0, result.output
+    report = run / "report.html"
+    assert result.output.strip() == str(report)
+    text = report.read_text()
+    assert text.lstrip().lower().startswith("<!doctype html")
+    assert "eval/accuracy" in text and "loss" in text
+    assert "data:image/png;base64," in text  # plots are embedded: the file stands alone
+
+
+def test_report_of_a_folder_without_metrics_fails_cleanly(tmp_path):
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert "no metrics.jsonl" in result.output
+
+
+def test_train_with_overrides_then_resume_a_finished_run(tmp_path):
+    """`psirl train CONFIG key=value` applies the overrides and keeps them in the run folder;
+    `psirl train --resume RUN_DIR` of a finished run has nothing left to do."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "loop: sft\noutput_dir: unused\nmax_steps: 5\ndevice: cpu\n"
+        "model: {tiny: {hidden_size: 32, num_layers: 1, num_heads: 4, intermediate_size: 32}}\n"
+        "data: {task: addition, task_kwargs: {digits: 1}, n_train: 16}\n"
+        "optim: {batch_size: 4}\n"
+    )
+    run = tmp_path / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = invoke("train", str(cfg), f"output_dir={run}", "max_steps=3", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert f"run folder: {run}" in result.output
+        assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+        assert "max_steps: 3" in (run / "config.yaml").read_text()
+        assert (run / "report.html").is_file() and (run / "final" / "config.json").is_file()
+
+        metrics = (run / "metrics.jsonl").read_bytes()
+        result = invoke("train", "--resume", str(run), "--quiet")
+        assert result.exit_code == 0, result.output
+        assert (run / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        torch.set_num_threads(before)
