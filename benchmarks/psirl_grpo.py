@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
+    ap.add_argument("--profile", default=None,
+                    help="write a cProfile of train() here (pstats) and print the top functions")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -109,7 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     rss_imports = C.rss_mb()
     C.reset_peak_rss()
     t_train = time.perf_counter()
-    train(config, quiet=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            train(config, quiet=True)
+        prof.dump_stats(args.profile)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(60)
+    else:
+        train(config, quiet=True)
     t_end = time.perf_counter()
     peak_train = C.peak_rss_mb()
 

@@ -97,7 +97,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
     optimizers = {"policy": optimizer}
     schedulers = {"policy": scheduler}
 
-    value_model = None
+    value_model, value_params = None, []
     if knobs.advantage.estimator == "gae":
         from psirl.models.value import ValueModel
 
@@ -159,6 +159,47 @@ def build_online(config, run_dir: Path) -> LoopSpec:
             return None, None, None, stats
         return RolloutBatch.cat(kept), torch.cat(kept_rewards), kept_recs, stats
 
+    def learn(batch, old_logp, ref_logp, advantages, returns, old_values, beta, generator):
+        """epochs x minibatches optimiser steps on one rollout; each step's normaliser is computed
+        once over its rows, then its micro-batches (grad_accum) are backpropagated separately."""
+        mask = batch.completion_mask
+        loss_knobs = knobs.loss if ref_logp is not None else _without_kl(knobs.loss)
+        per_step: list[dict[str, float]] = []
+        n = mask.shape[0]
+        for _epoch in range(sampling.epochs):
+            perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
+            for mb in split_microbatches(n, sampling.minibatches):
+                mb_rows = perm[mb]
+                normaliser = step_normaliser(mask[mb_rows], loss_knobs.aggregation,
+                                             loss_knobs.constant_normaliser)
+                v_norm = step_normaliser(mask[mb_rows], "token_mean")
+                micro_metrics: list[dict[str, float]] = []
+                for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
+                    rows = mb_rows[micro]
+                    sub = batch.select(rows)
+                    logp, entropy = forward_logprobs(model, sub, with_entropy=True)
+                    loss, lm = policy_loss(
+                        logp, old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
+                        ref_logp=ref_logp[rows] if ref_logp is not None else None,
+                        entropy=entropy, kl_coef=beta,
+                    )
+                    loss.backward()
+                    if value_model is not None:
+                        values = value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
+                        vloss = knobs.value.vf_coef * clipped_value_loss(
+                            values, old_values[rows], returns[rows], mask[rows],
+                            knobs.value.value_clip, v_norm)
+                        vloss.backward()
+                        lm["value_loss"] = float(vloss.detach())
+                    micro_metrics.append(lm)
+                step_metrics = _combine_micro_metrics(micro_metrics)
+                step_metrics["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.optim.grad_clip)
+                if value_model is not None:
+                    clip_and_step(value_params, optimizers["value"], schedulers["value"],
+                                  config.optim.grad_clip)
+                per_step.append(step_metrics)
+        return {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
+
     def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
         t0 = time.perf_counter()
         model.eval()
@@ -180,6 +221,10 @@ def build_online(config, run_dir: Path) -> LoopSpec:
             "response/truncated_frac": float(batch.truncated.float().mean()),
         })
         metrics.update(getattr(reward_fn, "metrics", lambda: {})())
+        if task is not None:
+            # The task's verifier is the gold reward: next to a proxy reward (a reward model, a
+            # judge, a format bonus) it shows over-optimisation (reference 003).
+            metrics["task/accuracy"] = sum(task.reward(c, r) for c, r in zip(batch.completions, recs, strict=True)) / len(recs)
 
         with torch.no_grad():
             # One update on fresh samples: the engine's behaviour log-probs are the old log-probs.
@@ -207,45 +252,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         metrics["time/score_s"] = t_score - t_gen
 
         model.train()
-        loss_knobs = knobs.loss if ref_logp is not None else _without_kl(knobs.loss)
-        sums: dict[str, float] = {}
-        grad_norms: list[float] = []
-        n_updates = 0
-        n = mask.shape[0]
-        for _epoch in range(sampling.epochs):
-            perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
-            for mb in split_microbatches(n, sampling.minibatches):
-                mb_rows = perm[mb]
-                # The normaliser of this optimiser step, computed once over all its micro-batches.
-                normaliser = step_normaliser(mask[mb_rows], loss_knobs.aggregation, loss_knobs.constant_normaliser)
-                v_norm = step_normaliser(mask[mb_rows], "token_mean")
-                for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
-                    rows = mb_rows[micro]
-                    sub = batch.select(rows)
-                    logp, entropy = forward_logprobs(model, sub, with_entropy=True)
-                    loss, lm = policy_loss(
-                        logp, old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
-                        ref_logp=ref_logp[rows] if ref_logp is not None else None,
-                        entropy=entropy, kl_coef=beta,
-                    )
-                    loss.backward()
-                    lm["loss/policy"] = float(loss.detach())
-                    if value_model is not None:
-                        values = value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
-                        vloss = knobs.value.vf_coef * clipped_value_loss(
-                            values, old_values[rows], returns[rows], mask[rows],
-                            knobs.value.value_clip, v_norm)
-                        vloss.backward()
-                        lm["loss/value"] = float(vloss.detach())
-                    for k, v in lm.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n_updates += 1
-                grad_norms.append(clip_and_step(params, optimizer, scheduler, config.optim.grad_clip))
-                if value_model is not None:
-                    clip_and_step([p for p in value_model.parameters() if p.requires_grad],
-                                  optimizers["value"], schedulers["value"], config.optim.grad_clip)
-        metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics.update(learn(batch, old_logp, ref_logp, advantages, returns, old_values, beta, generator))
         if value_model is not None:
             metrics["value/explained_variance"] = float(explained_variance(old_values, returns, mask))
         t_learn = time.perf_counter()
@@ -254,7 +261,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         metrics["perf/tokens_per_s"] = n_tokens / max(t_learn - t0, 1e-9)
 
         if uses_kl and knobs.kl_control.adaptive and "kl/mean" in metrics:
-            kl_ctl.update(metrics["kl/mean"], n)
+            kl_ctl.update(metrics["kl/mean"], mask.shape[0])
         metrics["kl/coef"] = kl_ctl.value
         reset = knobs.kl_control.ref_reset_every
         if ref_model is not None and reset > 0 and (step_index + 1) % reset == 0:
@@ -284,3 +291,27 @@ def _without_kl(loss_knobs):
     import dataclasses
 
     return dataclasses.replace(loss_knobs, kl_placement="none", kl_coef=0.0)
+
+
+# Summed over micro-batches (each already divided by the step's normaliser); the rest are
+# per-micro-batch means, averaged.
+_SUMMED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss")
+# policy_loss metric name -> name in metrics.jsonl
+_METRIC_NAMES = {
+    "loss": "loss/total", "pg_loss": "loss/policy", "kl_loss": "loss/kl",
+    "entropy_loss": "loss/entropy", "value_loss": "loss/value",
+    "clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high",
+    "clip_frac_dual": "clip/frac_dual", "ratio_mean": "ratio/mean", "ratio_min": "ratio/min",
+    "ratio_max": "ratio/max", "kl_mean": "kl/loss_estimate_mean", "entropy_mean": "entropy/mean",
+}
+
+
+def _combine_micro_metrics(micro: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for key in micro[0]:
+        values = [m[key] for m in micro]
+        total = sum(values)
+        out[_METRIC_NAMES.get(key, key)] = total if key in _SUMMED else total / len(values)
+    out["ratio/max"] = max(m["ratio_max"] for m in micro)
+    out["ratio/min"] = min(m["ratio_min"] for m in micro)
+    return out

@@ -61,8 +61,8 @@ def test_every_preset_runs_two_steps(tiny_dir, tmp_path, preset):
     last = records[-1]
     for key in ("reward/mean", "response/length_mean", "response/truncated_frac", "grad_norm",
                 "perf/tokens_per_s", "time/generate_s", "time/score_s", "time/learn_s",
-                "loss/policy", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy_mean",
-                "sampling/zero_signal_frac"):
+                "loss/policy", "clip/frac_low", "clip/frac_high", "ratio/mean", "ratio/max",
+                "entropy/mean", "task/accuracy", "sampling/zero_signal_frac"):
         assert key in last, key
         assert math.isfinite(last[key]), (key, last[key])
     if preset == "ppo":
