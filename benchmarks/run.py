@@ -215,6 +215,11 @@ def render(results: dict) -> str:
              f"accelerate {m['accelerate']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + "  ",
              f"fp32 matmul throughput (torch.matmul 1024x1024, {m['threads']} threads, best of 20): "
              f"**{results['matmul_gflops']:.1f} GFLOP/s**", ""]
+    for name, info in results.get("checkpoints", {}).items():
+        if "sft_greedy_accuracy" in info:
+            lines += [f"Checkpoint `{name}`: SFT {info['shape']['sft_steps']} steps x {info['shape']['sft_batch']} "
+                      f"examples in {info['sft_seconds']:.0f} s, final loss {info['sft_final_loss']:.3f}, held-out "
+                      f"greedy accuracy {info['sft_greedy_accuracy']:.3f} (256 prompts).", ""]
     if "grpo" in results:
         lines += grpo_table(results["grpo"], "1 + 3. GRPO step, tiny Qwen2 (char vocabulary), 8x8, 16 new tokens")
     if "vocab" in results:
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--libs", default="trl,psirl")
     ap.add_argument("--steps", type=int, default=None, help="measured GRPO steps (default per shape)")
-    ap.add_argument("--learn-target", type=float, default=0.15)
+    ap.add_argument("--learn-target", default="auto",
+                    help="held-out greedy accuracy to reach; 'auto' = SFT checkpoint's + 0.10")
     ap.add_argument("--learn-max-steps", type=int, default=150)
     ap.add_argument("--learn-eval-every", type=int, default=10)
     ap.add_argument("--vocabs", default="32768,65536,151936")
@@ -300,14 +306,22 @@ def main(argv: list[str] | None = None) -> None:
         elif section == "vocab":
             results["vocab"] = grpo_section(C.SHAPES["vocab32k"], libs, None, results["matmul_gflops"])
         elif section == "learn":
-            results["learn"] = learn_section(C.SHAPES["tiny"], libs, args.learn_target,
-                                             args.learn_max_steps, args.learn_eval_every)
+            shape = C.SHAPES["tiny"]
+            C.prepare_checkpoint(shape)
+            if args.learn_target == "auto":
+                target = round(C.checkpoint_info(shape)["sft_greedy_accuracy"] + 0.10, 2)
+            else:
+                target = float(args.learn_target)
+            results["learn"] = learn_section(shape, libs, target, args.learn_max_steps,
+                                             args.learn_eval_every)
         elif section == "logprob":
             results["logprob"] = logprob_section([int(v) for v in args.vocabs.split(",")],
                                                  args.logprob_tokens)
         elif section == "gpu":
             results["gpu"] = gpu_section(libs, args.steps)
         Path(args.out).write_text(json.dumps(results, indent=2))
+    results["checkpoints"] = {name: C.checkpoint_info(shape) for name, shape in C.SHAPES.items()
+                              if C.checkpoint_info(shape)}
     results["total_s"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(results, indent=2))
     text = render(results)

@@ -40,15 +40,15 @@ def demo_configs(output_dir: Path, *, quick: bool = False, seed: int = 0):
         "loop": "online",
         "output_dir": str(out / "grpo"),
         "seed": seed,
-        "max_steps": 6 if quick else 150,
+        "max_steps": 6 if quick else 500,
         "device": "cpu",
         "model": {"path": str(out / "sft" / "final")},
         "data": {"task": "addition", "task_kwargs": {"digits": 2}, "n_train": 20000},
         "optim": {"lr": 3e-4, "batch_size": 32, "grad_clip": 1.0},
         "algorithm": {"preset": "grpo", "knobs": {"sampling": {"group_size": 8, "max_new_tokens": 4}}},
-        "eval": {"every": 3 if quick else 15, "n": 200, "greedy": True, "sampled": True,
+        "eval": {"every": 3 if quick else 25, "n": 200, "greedy": True, "sampled": True,
                  "max_new_tokens": 4},
-        "checkpoint": {"every": 20},
+        "checkpoint": {"every": 100},
     })
     return sft, grpo
 

@@ -276,6 +276,8 @@ def prepare_run_dir(config, resume: bool) -> Path:
     if resume:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"--resume: run folder {run_dir} does not exist")
+        # Overrides given with --resume (e.g. a larger max_steps) become the run's config.
+        save_resolved_config(config, run_dir)
         return run_dir
     if list_checkpoints(run_dir):
         raise FileExistsError(

@@ -12,22 +12,19 @@ from pathlib import Path
 
 import torch
 
-from psirl.core.sft import sft_token_loss
 from psirl.train.base import (
     LoopSpec,
     build_optimizer,
     build_scheduler,
-    clip_and_step,
     run_loop,
-    split_microbatches,
 )
 from psirl.train.setup import (
     build_policy,
     build_task,
     encode_texts,
     eval_records,
-    pad_prompt_completion,
 )
+from psirl.train.sft_update import sft_update
 
 
 def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
@@ -107,25 +104,12 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
     pad_id = tokenizer.pad_token_id
     eval_recs = eval_records(config, task)
 
-    from psirl.models.logprobs import token_logprobs
 
     def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
         idx = epoch_batch_indices(len(examples), config.optim.batch_size, step_index, config.seed)
-        idx.sort(key=lambda i: len(prompts[i]) + len(completions[i]))
-        n_tokens = sum(len(completions[i]) for i in idx)  # the step's normaliser, computed once
-        total = 0.0
-        for mb in split_microbatches(len(idx), config.optim.grad_accum):
-            sel = idx[mb]
-            ids, attn, cmask = pad_prompt_completion(
-                [prompts[i] for i in sel], [completions[i] for i in sel], pad_id
-            )
-            ids, attn, cmask = ids.to(model.device), attn.to(model.device), cmask.to(model.device)
-            logp, _ = token_logprobs(model, ids, attn, cmask.shape[1])
-            loss = sft_token_loss(logp, cmask, n_tokens)
-            loss.backward()
-            total += float(loss.detach())
-        grad_norm = clip_and_step(params, optimizer, scheduler, config.optim.grad_clip)
-        return {"loss": total, "grad_norm": grad_norm, "tokens": float(n_tokens)}
+        return sft_update(model, params, optimizer, scheduler, [prompts[i] for i in idx],
+                          [completions[i] for i in idx], pad_id=pad_id,
+                          grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip)
 
     def evaluate(step_index: int) -> dict[str, float]:
         if task is None or not eval_recs:
