@@ -11,6 +11,17 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="psirl: RL post-training for LMs.")
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """The CLI prints its own progress; transformers' per-load/per-save bars would interleave."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -78,11 +89,15 @@ def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-reada
     from rich.table import Table
 
     table = Table(title="psirl presets: one loop, different knob values")
-    for key in rows[0]:
+    columns = [k for k in rows[0] if k != "paper"]  # papers are listed under the table
+    for key in columns:
         table.add_column(key)
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    Console(width=200).print(table)
+        table.add_row(*(str(row[k]) for k in columns))
+    console = Console(width=200)
+    console.print(table)
+    for row in rows:
+        console.print(f"  {row['method']}: {row.get('paper', '')}")
 
 
 @app.command()
