@@ -69,11 +69,12 @@ def train(
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its runs."),
     quick: bool = typer.Option(False, help="A much shorter run (smoke test)."),
+    control: bool = typer.Option(True, help="Also run GRPO on shuffled rewards (must not improve)."),
 ) -> None:
     """Tiny model -> SFT on addition -> GRPO with the verifier; accuracy before/after, report."""
     from psirl.demo import run_demo
 
-    run_demo(output_dir, quick=quick)
+    run_demo(output_dir, quick=quick, control=control)
 
 
 @app.command()

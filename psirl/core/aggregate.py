@@ -28,7 +28,13 @@ from torch import Tensor
 
 from psirl.core.masking import masked_sum, token_counts
 
-__all__ = ["AGGREGATION_MODES", "aggregate_loss", "step_normaliser"]
+__all__ = [
+    "AGGREGATION_MODES",
+    "aggregate_loss",
+    "normaliser_count",
+    "normaliser_from_count",
+    "step_normaliser",
+]
 
 AGGREGATION_MODES: tuple[str, ...] = (
     "token_mean",
@@ -53,11 +59,27 @@ def step_normaliser(
     constant:                            N_seq * C                 (C = ``constant`` > 0)
 
     mask_of_whole_step: [B, T] 0/1 for the whole step, or a sequence of per-micro-batch masks
-    [B_k, T_k] (widths may differ). For data parallelism, all-reduce the counts, or pass the
-    global masks. Returns a Python float >= 1 for counts (an empty step divides by 1, so its loss
-    is 0 rather than NaN).
+    [B_k, T_k] (widths may differ). For data parallelism, all-reduce ``normaliser_count`` of
+    each rank's masks and pass the sum to ``normaliser_from_count`` (psirl/train/distributed.py
+    does), or pass the global masks. Returns a Python float >= 1 for counts (an empty step
+    divides by 1, so its loss is 0 rather than NaN).
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (length handling); DESIGN.md
     ("the normaliser is an explicit argument computed once per optimiser step").
+    """
+    return normaliser_from_count(normaliser_count(mask_of_whole_step, mode), mode, constant)
+
+
+def normaliser_count(mask_of_whole_step: Tensor | Sequence[Tensor], mode: str) -> float:
+    """The count behind ``step_normaliser``, before clamping and scaling: additive over any split.
+
+    token_mean:  N_tok = sum_{b,t} m_{b,t};   every other mode:  N_seq = #{b : n_b > 0}
+
+    Because each sequence lives in exactly one part, the counts of disjoint parts of a step
+    (micro-batches, data-parallel ranks) sum to the count of the whole step; so a rank's
+    ``normaliser_count``, all-reduced, gives the global normaliser through
+    ``normaliser_from_count``. Masks as for ``step_normaliser``. Returns a float >= 0 (an
+    integer value).
+    Reference: as ``step_normaliser``.
     """
     _check_mode(mode)
     masks = [mask_of_whole_step] if isinstance(mask_of_whole_step, Tensor) else list(
@@ -67,17 +89,28 @@ def step_normaliser(
         if m.dim() != 2:
             raise ValueError(f"mask {k} must be [B, T], got shape {tuple(m.shape)}")
     if mode == "token_mean":
-        count = sum(float(token_counts(m).sum().item()) for m in masks)
-        return max(count, 1.0)
-    n_seq = sum(int((token_counts(m) > 0).sum().item()) for m in masks)
+        return float(sum(float(token_counts(m).sum().item()) for m in masks))
+    return float(sum(int((token_counts(m) > 0).sum().item()) for m in masks))
+
+
+def normaliser_from_count(count: float, mode: str, constant: float | None = None) -> float:
+    """The step normaliser from the step's whole ``normaliser_count``.
+
+    token_mean, seq_mean_token_mean, seq_mean_token_sum:  max(count, 1)
+    constant:                                             max(count, 1) * C   (C > 0)
+
+    count: N_tok or N_seq of the whole step (float >= 0). Returns a float >= 1 (for constant,
+    >= C). Reference: as ``step_normaliser``.
+    """
+    _check_mode(mode)
     if mode == "constant":
         if constant is None or not constant > 0:
             raise ValueError(
                 f"aggregation 'constant' needs constant_normaliser > 0 (e.g. max_new_tokens), "
                 f"got {constant!r}"
             )
-        return max(n_seq, 1) * float(constant)
-    return float(max(n_seq, 1))
+        return max(float(count), 1.0) * float(constant)
+    return max(float(count), 1.0)
 
 
 def aggregate_loss(per_token_loss: Tensor, mask: Tensor, mode: str, normaliser: float) -> Tensor:

@@ -213,3 +213,31 @@ class PerSampleReward:
     ) -> list[float]:
         check_batch(prompts, completions, records)
         return [float(self.score(c, r)) for c, r in zip(completions, records, strict=True)]
+
+
+class ShuffledReward:
+    """A negative control: the wrapped rewards, randomly permuted across the batch.
+
+    r'_i = r_{π(i)} with π a permutation drawn from a hash of the batch's completions (so a
+    resumed run draws the same π for the same batch). The reward's distribution is unchanged but
+    its link to each sample is cut: a policy trained on it must not improve on the gold metric,
+    so a gain in the real run is shown to come from the reward signal.
+    """
+
+    def __init__(self, fn: RewardFn, name: str | None = None):
+        self.fn = fn
+        self.name = name or f"shuffled({reward_name(fn)})"
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], records: list[dict[str, Any]]
+    ) -> list[float]:
+        import hashlib
+        import random
+
+        values = list(self.fn(prompts, completions, records))
+        digest = hashlib.sha256("\x00".join(completions).encode("utf-8")).digest()
+        random.Random(int.from_bytes(digest[:8], "little")).shuffle(values)
+        return values
+
+    def metrics(self) -> dict[str, float]:
+        return reward_metrics(self.fn)

@@ -1,8 +1,10 @@
 """Self-contained HTML reports of runs: one file, no external assets, readable offline.
 
-`write_report(run_dir)` -> run_dir/report.html: run name, resolved config, a table of final / min /
-max / best values, and one small plot per metric over steps, grouped by prefix ("eval/" first,
-then "reward/", "kl/", "loss/", ...). `write_compare_report(run_dirs, out_path)` overlays several
+`write_report(run_dir)` -> run_dir/report.html: run name, reward-hacking diagnostics
+(psirl.track.diagnostics: a table of findings and one figure of proxy reward and gold accuracy on
+shared axes with KL on a twin axis), resolved config, a table of final / min / max / best values,
+and one small plot per metric over steps, grouped by prefix ("eval/" first, then "reward/", "kl/",
+"loss/", ...). `write_compare_report(run_dirs, out_path)` overlays several
 runs' curves (legend = run folder name) and tabulates their final values and config differences.
 
 Plots are matplotlib figures rendered with the Agg canvas (no GUI, no global backend switch) and
@@ -21,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from psirl.track import diagnostics
 from psirl.track.metrics import read_metrics
 
 REPORT_FILE = "report.html"
@@ -171,6 +174,9 @@ th { background: #f4f4f4; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 img { max-width: 100%; }
 .note { color: #888; font-style: italic; }
+td.finding { text-align: left; max-width: 36em; } td.numbers { text-align: left; font-size: 0.9em; }
+.sev-ok { background: #e6f4ea; } .sev-watch { background: #fff4d6; }
+.sev-alarm { background: #fbe0e0; font-weight: bold; } .sev-skipped { color: #888; }
 """
 
 
@@ -232,6 +238,114 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _numbers_text(numbers: Mapping[str, Any]) -> str:
+    return "; ".join(f"{k} = {_fmt(v)}" for k, v in numbers.items())
+
+
+def _findings_table(findings: Sequence[Mapping[str, Any]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("check", "severity", "numbers", "finding"))
+    rows = []
+    for f in findings:
+        sev = html.escape(f["severity"])
+        rows.append(
+            f'<tr><td>{html.escape(f["title"])}</td><td class="sev-{sev}">{sev}</td>'
+            f'<td class="numbers">{html.escape(_numbers_text(f["numbers"]))}</td>'
+            f'<td class="finding">{html.escape(f["explanation"])}</td></tr>'
+        )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _proxy_gold_png(
+    series: Mapping[str, tuple[list[int], list[float]]], proxy_vs_gold: Mapping[str, Any]
+) -> str | None:
+    """One figure: proxy reward and every gold metric over steps on the same axes, KL on a twin
+    axis, dotted lines at the gold and proxy peak steps. None unless proxy and a gold exist."""
+    gold_names = [g for g in diagnostics.GOLD_METRICS if g in series]
+    proxy = series.get(diagnostics.PROXY_METRIC)
+    if proxy is None or not gold_names:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.2), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    dense = {"linewidth": 1.4}
+    ax.plot(*proxy, color="C0", label=f"{diagnostics.PROXY_METRIC} (proxy)", **dense)
+    for i, name in enumerate(gold_names):
+        style = {"marker": "o", "markersize": 3} if len(series[name][0]) <= 30 else {}
+        ax.plot(*series[name], color=f"C{i + 1}", label=f"{name} (gold)", **dense, **style)
+    numbers = proxy_vs_gold.get("numbers", {})
+    for key, color in (("gold_peak_step", "C1"), ("proxy_peak_step", "C0")):
+        if isinstance(numbers.get(key), int):
+            ax.axvline(
+                numbers[key],
+                color=color,
+                linestyle=":",
+                linewidth=1.0,
+                label=key.replace("_", " ") + f" {numbers[key]}",
+            )
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("reward / accuracy", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    kl = series.get(diagnostics.KL_METRIC)
+    if kl is not None:
+        ax_kl = ax.twinx()
+        ax_kl.plot(
+            *kl,
+            color="0.45",
+            linestyle="--",
+            linewidth=1.1,
+            label=f"{diagnostics.KL_METRIC} (nats, right)",
+        )
+        ax_kl.set_ylabel("KL (nats)", fontsize=8)
+        ax_kl.tick_params(labelsize=7)
+        h, lab = ax_kl.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ax.legend(handles, labels, fontsize=7, loc="best", framealpha=0.8)
+    fig.subplots_adjust(left=0.09, right=0.91 if kl is not None else 0.97, bottom=0.15, top=0.95)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _diagnostics_section(
+    records: Sequence[Mapping[str, Any]], series: Mapping[str, tuple[list[int], list[float]]]
+) -> list[str]:
+    """The "Reward-hacking diagnostics" section: overall line, findings table, proxy/gold figure."""
+    report = diagnostics.reward_hacking_report(records)
+    parts = ["<h2>Reward-hacking diagnostics</h2>"]
+    if report["overall"] == diagnostics.SKIPPED:
+        used = (
+            diagnostics.PROXY_METRIC,
+            diagnostics.KL_METRIC,
+            diagnostics.ENTROPY_METRIC,
+            diagnostics.LENGTH_METRIC,
+        )
+        parts.append(
+            f'<p class="note">no reward-hacking signals in this run (none of {", ".join(used)} '
+            f"has {diagnostics.MIN_POINTS} steps)</p>"
+        )
+        return parts
+    counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items() if n)
+    parts.append(
+        f'<p>overall: <span class="sev-{report["overall"]}">{report["overall"]}</span> ({counts});'
+        " after reference 003: proxy reward up while gold accuracy traces an inverted U, KL and"
+        " length drifting, entropy collapsing.</p>"
+    )
+    parts.append(_findings_table(report["findings"]))
+    proxy_vs_gold = next(f for f in report["findings"] if f["check"] == "proxy_vs_gold")
+    uri = _proxy_gold_png(series, proxy_vs_gold)
+    if uri is not None:
+        parts.append(f'<img src="{uri}" alt="proxy reward vs gold accuracy and KL">')
+    return parts
+
+
 # --------------------------------------------------------------------------- single run
 
 
@@ -239,7 +353,9 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """Write a self-contained HTML report of one run; return its path (default run_dir/report.html).
 
     Reads run_dir/metrics.jsonl (required) and run_dir/config.yaml (shown verbatim if present).
-    Sections: header (run name, steps, wall time), resolved config, final / min / max / best table,
+    Sections: header (run name, steps, wall time), reward-hacking diagnostics
+    (diagnostics.reward_hacking_report: findings table, proxy-vs-gold figure with KL, after
+    ../shared/reference/003_e8bd019fa090e190.txt), resolved config, final / min / max / best table,
     then one plot per numeric metric grouped by prefix, "eval/" first.
     """
     run_dir = Path(run_dir)
@@ -257,6 +373,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             meta.append(f"wall time: {_duration(times[-1] - times[0])}")
     meta.append(f"generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}")
     parts.append(f'<p class="meta">{" · ".join(meta)}</p>')
+    parts.extend(_diagnostics_section(records, series))
 
     config = _read_text(run_dir / "config.yaml")
     parts.append("<h2>Config</h2>")

@@ -287,6 +287,9 @@ class _RewardBase(_Section):
 
     kind: str
     fallback: float = 0.0
+    # Negative control: permute the rewards across each batch (ShuffledReward); a run trained on
+    # it must not improve, which shows the real run's gain comes from the reward.
+    shuffle: bool = False
 
 
 class TaskRewardConfig(_RewardBase):

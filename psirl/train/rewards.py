@@ -47,6 +47,11 @@ def _build(section, task):
     raise ValueError(f"reward.kind: unknown kind {kind!r}")
 
 
-def build_reward(config, task) -> SafeReward:
+def build_reward(config, task):
     """RewardFn for `config.reward`, with per-sample failures replaced by `reward.fallback`."""
-    return SafeReward(_build(config.reward, task), fallback=config.reward.fallback)
+    fn = SafeReward(_build(config.reward, task), fallback=config.reward.fallback)
+    if config.reward.shuffle:
+        from psirl.rewards.base import ShuffledReward
+
+        return ShuffledReward(fn)
+    return fn

@@ -5,7 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psirl.core.aggregate import AGGREGATION_MODES, aggregate_loss, step_normaliser
+from psirl.core.aggregate import (
+    AGGREGATION_MODES,
+    aggregate_loss,
+    normaliser_count,
+    normaliser_from_count,
+    step_normaliser,
+)
 
 D = torch.float64
 # Three sequences of lengths 1, 2, 3 plus an empty row (a padding sequence).
@@ -46,12 +52,34 @@ def test_step_normaliser_accepts_micro_batch_masks_of_different_widths():
         assert step_normaliser(parts, mode, constant=4.0) == step_normaliser(M, mode, constant=4.0)
 
 
+@pytest.mark.parametrize(
+    ("mode", "counts", "normaliser"),
+    [
+        # Rank 0 holds the length-1 sequence, rank 1 lengths 2, 3 and the empty row, rank 2 nothing.
+        ("token_mean", (1.0, 5.0, 0.0), 6.0),
+        ("seq_mean_token_mean", (1.0, 2.0, 0.0), 3.0),
+        ("seq_mean_token_sum", (1.0, 2.0, 0.0), 3.0),
+        ("constant", (1.0, 2.0, 0.0), 30.0),
+    ],
+)
+def test_counts_of_disjoint_parts_add_up_to_the_step_normaliser(mode, counts, normaliser):
+    """Data parallelism: each rank's count, summed (an all-reduce), gives the whole step's
+    normaliser; an empty part counts 0, and only the total is clamped to >= 1."""
+    parts = [M[:1], M[1:], M[:0]]
+    assert tuple(normaliser_count(p, mode) for p in parts) == counts
+    assert normaliser_from_count(sum(counts), mode, constant=10.0) == normaliser
+    assert step_normaliser(M, mode, constant=10.0) == normaliser
+    assert normaliser_from_count(0.0, mode, constant=10.0) == (10.0 if mode == "constant" else 1.0)
+
+
 def test_empty_step_divides_by_one_and_constant_needs_a_value():
     z = torch.zeros(2, 3)
     assert step_normaliser(z, "token_mean") == 1.0
     assert aggregate_loss(torch.ones(2, 3), z, "token_mean", 1.0).item() == 0.0
     with pytest.raises(ValueError, match="constant_normaliser"):
         step_normaliser(M, "constant")
+    with pytest.raises(ValueError, match="constant_normaliser"):
+        normaliser_from_count(3.0, "constant")
     with pytest.raises(ValueError, match="aggregation mode"):
         step_normaliser(M, "mean")
     with pytest.raises(ValueError, match="normaliser"):
