@@ -27,6 +27,16 @@ from typing import Any
 
 import torch
 
+from psirl.train.distributed import (
+    any_rank,
+    barrier,
+    broadcast_parameters,
+    gather_objects,
+    init_distributed,
+    is_main,
+    world,
+)
+
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 
@@ -146,6 +156,9 @@ class LoopSpec:
     evaluate:   evaluate(step_index) -> metrics, called every `eval.every` steps and at the end.
     state:      loop state that must survive a resume (json-serialisable); read/written by
                 get_state / set_state.
+    data_parallel: the loop supports torchrun with several processes (its step takes its rank's
+                shard, uses the global normaliser and all-reduces gradients); run_loop refuses a
+                world size > 1 for loops that do not.
     """
 
     models: dict[str, torch.nn.Module]
@@ -156,6 +169,7 @@ class LoopSpec:
     evaluate: Callable[[int], dict[str, float]] | None = None
     get_state: Callable[[], dict] = field(default=lambda: {})
     set_state: Callable[[dict], None] = field(default=lambda state: None)
+    data_parallel: bool = False  # True: `step` shards its batch and reduces (train/distributed.py)
 
 
 def _rng_state() -> dict:
@@ -185,11 +199,14 @@ def _set_rng_state(state: dict) -> None:
                              s["has_gauss"], s["cached"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2,
+                    rank_rng: list[dict] | None = None) -> Path:
     """Write checkpoints/step-{step:08d}/ atomically (temp folder, fsync, rename); prune old ones.
 
     Layout: {name}.safetensors for every module (policy, value, ...),
     trainer_state.pt (optimisers, schedulers, RNG states), state.json (step, loop state).
+    rank_rng: in a data-parallel run, every rank's RNG state (indexed by rank), saved beside
+    this process's so that each rank resumes its own.
     """
     from safetensors.torch import save_model
 
@@ -209,6 +226,7 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
             "optimizers": {k: o.state_dict() for k, o in spec.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in spec.schedulers.items()},
             "rng": _rng_state(),
+            **({"rank_rng": rank_rng} if rank_rng is not None else {}),
         },
         tmp / "trainer_state.pt",
     )
@@ -244,6 +262,9 @@ def load_checkpoint(ckpt: Path, spec: LoopSpec) -> int:
     for k, s in spec.schedulers.items():
         s.load_state_dict(trainer_state["schedulers"][k])
     _set_rng_state(trainer_state["rng"])
+    rank, world_size = world()
+    if len(trainer_state.get("rank_rng", [])) == world_size:  # same world size: this rank's own
+        _set_rng_state(trainer_state["rank_rng"][rank])
     state = json.loads((ckpt / "state.json").read_text())
     spec.set_state(state.get("loop", {}))
     return int(state["step"])
@@ -310,12 +331,28 @@ def run_loop(
     Checkpoints every `config.checkpoint.every` steps and at the end; evaluates every
     `config.eval.every` steps (and at step 0 and the end); logs metrics each step; writes
     final/ (policy loadable with AutoModelForCausalLM.from_pretrained) and report.html.
+
+    Under torchrun (psirl/train/distributed.py) every rank runs this loop on its shard of each
+    step; rank 0 alone writes the run folder, metrics, checkpoints, final/ and the report and
+    runs the evaluation; every rank loads the checkpoint on resume.
     """
     from psirl.track.metrics import MetricsLogger, StepProgress, summary_line
 
-    run_dir = prepare_run_dir(config, resume)
+    init_distributed(config.device)
+    main = is_main()
+    # Rank 0 first: it creates the run folder and whatever `build` writes there (the tiny
+    # initial model); the other ranks then build from the same files.
+    if not main:
+        barrier()
+    run_dir = prepare_run_dir(config, resume) if main else Path(config.output_dir)
     seed_everything(config.seed)
     spec = build(config, run_dir)
+    if main:
+        barrier()
+    if world()[1] > 1 and not spec.data_parallel:
+        raise ValueError(f"loop: {config.loop!r} does not support data-parallel training yet; "
+                         "run it as one process")
+    broadcast_parameters(spec.models.values())
 
     start = 0
     if resume:
@@ -325,8 +362,9 @@ def run_loop(
     # Drop metrics logged after the checkpoint we start from (-1: no checkpoint, drop them all).
     # A fresh start drops them all too: they belong to a run killed before its first checkpoint.
     resume_from = start if start > 0 else -1
-    logger = MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
-    eval_every = config.eval.every
+    logger = (MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
+              if main else _NoLogger())
+    eval_every = config.eval.every if main else 0
 
     # SIGTERM -> checkpoint at the next step boundary, so a polite kill loses nothing.
     stop_requested = {"flag": False}
@@ -338,7 +376,8 @@ def run_loop(
     try:
         if start == 0 and spec.evaluate is not None and eval_every > 0:
             logger.log(0, spec.evaluate(0))
-        with StepProgress(config.max_steps, description=f"{config.loop}", initial=start, disable=quiet) as progress:
+        with StepProgress(config.max_steps, description=f"{config.loop}", initial=start,
+                          disable=quiet or not main) as progress:
             for step in range(start, config.max_steps):
                 # The LR this step uses (its first update's, when a step takes several): read it
                 # before the step, whose scheduler.step() moves it on to the next step's value.
@@ -354,9 +393,15 @@ def run_loop(
                     metrics.update(spec.evaluate(done))
                 logger.log(done, metrics)
                 progress.advance(summary_line(done, metrics, summary_keys))
+                # A SIGTERM seen by any rank stops every rank at this step boundary.
+                stop_requested["flag"] = any_rank(stop_requested["flag"])
                 every = config.checkpoint.every
                 if (every > 0 and done % every == 0) or done == config.max_steps or stop_requested["flag"]:
-                    save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last)
+                    rank_rng = gather_objects(_rng_state()) if world()[1] > 1 else None
+                    if main:
+                        save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last,
+                                        rank_rng=rank_rng)
+                    barrier()
                 if stop_requested["flag"]:
                     break
     finally:
@@ -364,7 +409,7 @@ def run_loop(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    if not stop_requested["flag"]:
+    if not stop_requested["flag"] and main:
         final = run_dir / FINAL_DIR
         spec.models["policy"].save_pretrained(final, safe_serialization=True)
         if spec.tokenizer is not None:
@@ -372,7 +417,18 @@ def run_loop(
         from psirl.track.report import write_report
 
         write_report(run_dir)
+    barrier()
     return run_dir
+
+
+class _NoLogger:
+    """The metrics logger of ranks other than 0: rank 0 alone writes metrics.jsonl."""
+
+    def log(self, step: int, metrics: dict) -> dict:
+        return dict(metrics)
+
+    def close(self) -> None:
+        pass
 
 
 def _in_main_thread() -> bool:

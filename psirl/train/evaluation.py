@@ -71,3 +71,23 @@ def evaluate_task_accuracy(model_dir: Path, task_name: str, *, n: int, greedy: b
     records = task.make(n, seed=10_000 + seed)
     return task_accuracy(model, tokenizer, records, task.reward, greedy=greedy,
                          max_new_tokens=max_new_tokens, seed=seed)
+
+
+def task_evaluator(config, model, tokenizer, task, *, max_new_tokens: int | None = None):
+    """The `evaluate(step) -> metrics` every loop hands to run_loop: held-out task accuracy.
+
+    Returns None when there is nothing to evaluate (no built-in task or no held-out prompts).
+    max_new_tokens defaults to `eval.max_new_tokens`.
+    """
+    from psirl.train.setup import eval_records
+
+    records = eval_records(config, task)
+    if task is None or not records:
+        return None
+    budget = config.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
+
+    def evaluate(step_index: int) -> dict[str, float]:
+        return eval_metrics(model, tokenizer, records, task.reward, max_new_tokens=budget,
+                            seed=config.seed, greedy=config.eval.greedy, sampled=config.eval.sampled)
+
+    return evaluate

@@ -34,8 +34,9 @@ from psirl.train.base import (
     run_loop,
     split_microbatches,
 )
+from psirl.train.evaluation import task_evaluator
 from psirl.train.rewards import build_reward
-from psirl.train.setup import build_policy, build_task, eval_records
+from psirl.train.setup import build_policy, build_task, load_prompt_records
 
 SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s")
 
@@ -51,16 +52,6 @@ def knobs_from_config(config) -> OnlineKnobs:
     return resolve_algorithm(config)
 
 
-def load_prompt_records(config, task) -> list[dict]:
-    if config.data.train_path is not None:
-        from psirl.data.records import load_records
-
-        return load_records(config.data.train_path, kind="prompt", split=config.data.split)
-    if task is None:
-        raise ValueError("data: the online loop needs data.task or data.train_path")
-    return task.make(config.data.n_train, seed=config.seed)
-
-
 def build_online(config, run_dir: Path) -> LoopSpec:
     knobs = knobs_from_config(config)
     sampling = knobs.sampling
@@ -74,7 +65,6 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         check_prompt_lengths(records, tokenizer, config.data.max_prompt_tokens,
                              config.data.train_path or f"task {config.data.task}")
     reward_fn = build_reward(config, task)
-    eval_recs = eval_records(config, task)
 
     from psirl.rollout.hf_engine import HFEngine
 
@@ -270,14 +260,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         engine.sync(model)
         return metrics
 
-    def evaluate(step_index: int) -> dict[str, float]:
-        if task is None or not eval_recs:
-            return {}
-        from psirl.train.evaluation import eval_metrics
-
-        return eval_metrics(model, tokenizer, eval_recs, task.reward,
-                            max_new_tokens=sampling.max_new_tokens, seed=config.seed,
-                            greedy=config.eval.greedy, sampled=config.eval.sampled)
+    evaluate = task_evaluator(config, model, tokenizer, task, max_new_tokens=sampling.max_new_tokens)
 
     return LoopSpec(
         models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,

@@ -310,8 +310,8 @@ def _online_data(config, model, tokenizer, task, reward_fn):
     pairs, sampling metrics), drawing the prompts and the sampling seed from `generator`."""
     from psirl.data.templates import render_prompt
     from psirl.rollout.hf_engine import HFEngine
-    from psirl.train.online import load_prompt_records
     from psirl.train.preference_online import sample_online_pairs
+    from psirl.train.setup import load_prompt_records
 
     if reward_fn is None:
         from psirl.train.rewards import build_reward

@@ -122,8 +122,8 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     """The LoopSpec of STaR / ReST / RAFT. reward_fn: defaults to `build_reward(config, task)`."""
     from psirl.data.templates import render_prompt
     from psirl.rollout.hf_engine import HFEngine
-    from psirl.train.online import load_prompt_records
-    from psirl.train.setup import build_policy, build_task, eval_records
+    from psirl.train.evaluation import task_evaluator
+    from psirl.train.setup import build_policy, build_task, load_prompt_records
     from psirl.train.sft import epoch_batch_indices
     from psirl.train.sft_update import sft_update
 
@@ -140,7 +140,6 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, config.max_steps)
-    eval_recs = eval_records(config, task) if task is not None else []
     per_round = round_length(st)
     state: dict = {"round": -1, "samples": [], "grow_metrics": {}}
 
@@ -175,14 +174,7 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         engine.sync(model)
         return metrics
 
-    def evaluate(step_index: int) -> dict[str, float]:
-        if task is None or not eval_recs:
-            return {}
-        from psirl.train.evaluation import eval_metrics
-
-        return eval_metrics(model, tokenizer, eval_recs, task.reward,
-                            max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
-                            greedy=config.eval.greedy, sampled=config.eval.sampled)
+    evaluate = task_evaluator(config, model, tokenizer, task)
 
     def get_state() -> dict:
         return dict(state)

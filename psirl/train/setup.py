@@ -116,3 +116,14 @@ def pad_prompt_completion(
         attention_mask[i, p : p + len(co)] = 1
         completion_mask[i, : len(co)] = 1.0
     return input_ids, attention_mask, completion_mask
+
+
+def load_prompt_records(config, task) -> list[dict]:
+    """Prompt records of the online, preference and self-training loops: a file or the task."""
+    if config.data.train_path is not None:
+        from psirl.data.records import load_records
+
+        return load_records(config.data.train_path, kind="prompt", split=config.data.split)
+    if task is None:
+        raise ValueError("data: this loop needs prompts: set data.task or data.train_path")
+    return task.make(config.data.n_train, seed=config.seed)

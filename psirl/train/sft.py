@@ -18,11 +18,11 @@ from psirl.train.base import (
     build_scheduler,
     run_loop,
 )
+from psirl.train.evaluation import task_evaluator
 from psirl.train.setup import (
     build_policy,
     build_task,
     encode_texts,
-    eval_records,
 )
 from psirl.train.sft_update import sft_update
 
@@ -102,7 +102,6 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
     optimizer = build_optimizer(params, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
     pad_id = tokenizer.pad_token_id
-    eval_recs = eval_records(config, task)
 
 
     def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
@@ -111,14 +110,7 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
                           [completions[i] for i in idx], pad_id=pad_id,
                           grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip)
 
-    def evaluate(step_index: int) -> dict[str, float]:
-        if task is None or not eval_recs:
-            return {}
-        from psirl.train.evaluation import eval_metrics
-
-        return eval_metrics(model, tokenizer, eval_recs, task.reward,
-                            max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
-                            greedy=config.eval.greedy, sampled=config.eval.sampled)
+    evaluate = task_evaluator(config, model, tokenizer, task)
 
     return LoopSpec(models={"policy": model}, tokenizer=tokenizer,
                     optimizers={"policy": optimizer}, schedulers={"policy": scheduler},

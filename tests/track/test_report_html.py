@@ -75,12 +75,13 @@ def test_report_is_self_contained_with_sections_and_values(tmp_path):
     assert out == run / "report.html"
     text = out.read_text()
     images = _assert_self_contained(text)
-    assert len(images) == 5  # eval, reward, kl, time, other
+    assert len(images) == 6  # proxy vs gold (diagnostics), eval, reward, kl, time, other
     assert "<h1>my-run</h1>" in text
     assert "<pre>loop: online\noptim:\n  lr: 0.001\n  batch_size: 8\n</pre>" in text
     # eval section comes first, then reward, kl.
     heads = re.findall(r"<h2>([^<]+)</h2>", text)
     assert heads == [
+        "Reward-hacking diagnostics",
         "Config",
         "Final and best values",
         "eval (held-out)",
