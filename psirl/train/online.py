@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from psirl.algorithms import OnlineKnobs
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
-from psirl.core.aggregate import step_normaliser
 from psirl.core.filters import zero_signal_groups
 from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_in_reward
 from psirl.core.masking import masked_mean, place_on_last_token
@@ -33,6 +31,17 @@ from psirl.train.base import (
     clip_and_step,
     run_loop,
     split_microbatches,
+)
+from psirl.train.distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    any_rank,
+    global_advantages,
+    global_step_normaliser,
+    rank_seed,
+    reduce_metrics,
+    shard_indices,
+    world,
 )
 from psirl.train.evaluation import task_evaluator
 from psirl.train.rewards import build_reward
@@ -55,6 +64,7 @@ def knobs_from_config(config) -> OnlineKnobs:
 def build_online(config, run_dir: Path) -> LoopSpec:
     knobs = knobs_from_config(config)
     sampling = knobs.sampling
+    _check_data_parallel(config, sampling)
     model, tokenizer = build_policy(config, run_dir)
     device = model.device
     task = build_task(config)
@@ -117,16 +127,23 @@ def build_online(config, run_dir: Path) -> LoopSpec:
 
     def collect(step_index: int, generator: torch.Generator):
         """Sample `batch_size` prompts × G; with dynamic sampling, replace zero-signal groups."""
-        n_prompts = config.optim.batch_size
         order = torch.randperm(len(records), generator=generator).tolist()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        batch, rewards, recs = sample(order[:n_prompts], seed)
+        # Data-parallel: this rank samples its contiguous shard of the step's prompts (whole
+        # groups), with its own seed; one process: all of them, with the step's seed.
+        rank, world_size = world()
+        shard = shard_indices(config.optim.batch_size, rank, world_size)
+        n_prompts = len(shard)
+        seed = rank_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), rank)
+        batch, rewards, recs = sample(order[shard.start:shard.stop], seed)
         stats = {"sampling/zero_signal_frac": float(zero_signal_groups(rewards, batch.group_ids).float().mean()),
                  "sampling/resample_rounds": 0.0}
         if not sampling.dynamic_sampling:
             return batch, rewards, recs, stats
         kept, kept_rewards, kept_recs = [], [], []
-        cursor, rounds, have = n_prompts, 0, 0
+        # Refills come from the prompts after the step's batch (wrapping round), dealt by rank.
+        offset = config.optim.batch_size % len(order)
+        pool = (order[offset:] + order[:offset])[rank::world_size]
+        cursor, rounds, have = 0, 0, 0
         while True:
             zero = zero_signal_groups(rewards, batch.group_ids)
             keep_groups = (~zero).nonzero().flatten().tolist()[: n_prompts - have]
@@ -140,7 +157,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
                 break
             rounds += 1
             need = n_prompts - have
-            nxt = [order[(cursor + k) % len(order)] for k in range(need)]
+            nxt = [pool[(cursor + k) % len(pool)] for k in range(need)]
             cursor += need
             batch, rewards, recs = sample(nxt, seed + rounds)
         stats["sampling/resample_rounds"] = float(rounds)
@@ -160,9 +177,10 @@ def build_online(config, run_dir: Path) -> LoopSpec:
             perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
             for mb in split_microbatches(n, sampling.minibatches):
                 mb_rows = perm[mb]
-                normaliser = step_normaliser(mask[mb_rows], loss_knobs.aggregation,
-                                             loss_knobs.constant_normaliser)
-                v_norm = step_normaliser(mask[mb_rows], "token_mean")
+                # Counted over every data-parallel rank's rows of this optimiser step.
+                normaliser = global_step_normaliser(mask[mb_rows], loss_knobs.aggregation,
+                                                    loss_knobs.constant_normaliser)
+                v_norm = global_step_normaliser(mask[mb_rows], "token_mean")
                 micro_metrics: list[dict[str, float]] = []
                 for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
                     rows = mb_rows[micro]
@@ -183,8 +201,10 @@ def build_online(config, run_dir: Path) -> LoopSpec:
                         lm["value_loss"] = float(vloss.detach())
                     micro_metrics.append(lm)
                 step_metrics = _combine_micro_metrics(micro_metrics)
+                all_reduce_gradients(params)  # data-parallel: summed = the full-batch gradient
                 step_metrics["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.optim.grad_clip)
                 if value_model is not None:
+                    all_reduce_gradients(value_params)
                     clip_and_step(value_params, optimizers["value"], schedulers["value"],
                                   config.optim.grad_clip)
                 per_step.append(step_metrics)
@@ -196,9 +216,9 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         batch, rewards, recs, metrics = collect(step_index, generator)
         t_gen = time.perf_counter()
         metrics["time/generate_s"] = t_gen - t0
-        if batch is None:
+        if any_rank(batch is None):  # data-parallel: all ranks skip if one has nothing to learn
             metrics["sampling/skipped_step"] = 1.0
-            return metrics
+            return reduce_metrics(metrics, weight=1.0)
         batch = batch.to(device)
         rewards = rewards.to(device)
         mask = batch.completion_mask
@@ -234,8 +254,9 @@ def build_online(config, run_dir: Path) -> LoopSpec:
             old_values = None
             if value_model is not None:
                 old_values = value_model.values(batch.input_ids, batch.attention_mask, mask.shape[1])
-            advantages, returns = ADVANTAGE_ESTIMATORS[knobs.advantage.estimator](
-                token_rewards, mask, batch.group_ids, old_values,
+            # batch_mean / batch_whiten take the global batch's statistics when data-parallel.
+            advantages, returns = global_advantages(
+                knobs.advantage.estimator, token_rewards, mask, batch.group_ids, old_values,
                 gamma=knobs.advantage.gamma, lam=knobs.advantage.lam,
             )
         t_score = time.perf_counter()
@@ -249,9 +270,10 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         metrics["time/learn_s"] = t_learn - t_score
         n_tokens = float(mask.sum())
         metrics["perf/tokens_per_s"] = n_tokens / max(t_learn - t0, 1e-9)
+        metrics = reduce_metrics(metrics, weight=float(mask.shape[0]))  # global values
 
         if uses_kl and knobs.kl_control.adaptive and "kl/mean" in metrics:
-            kl_ctl.update(metrics["kl/mean"], mask.shape[0])
+            kl_ctl.update(metrics["kl/mean"], int(all_reduce_sum(float(mask.shape[0]))))
         metrics["kl/coef"] = kl_ctl.value
         reset = knobs.kl_control.ref_reset_every
         if ref_model is not None and reset > 0 and (step_index + 1) % reset == 0:
@@ -267,7 +289,25 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         step=step, evaluate=evaluate,
         get_state=lambda: {"kl_controller": kl_ctl.state_dict()},
         set_state=lambda s: kl_ctl.load_state_dict(s["kl_controller"]) if "kl_controller" in s else None,
+        data_parallel=True,
     )
+
+
+def _check_data_parallel(config, sampling) -> None:
+    """Every rank must take the same number of optimiser steps per rollout: each needs at least
+    one prompt, and at least `sampling.minibatches` rows (with dynamic sampling a rank may keep
+    a single group of G rows)."""
+    _, world_size = world()
+    if world_size == 1:
+        return
+    if config.optim.batch_size < world_size:
+        raise ValueError(f"optim.batch_size: {config.optim.batch_size} prompts cannot be shared "
+                         f"by {world_size} data-parallel ranks (need batch_size >= world size)")
+    prompts = 1 if sampling.dynamic_sampling else config.optim.batch_size // world_size
+    if sampling.minibatches > sampling.group_size * prompts:
+        raise ValueError(f"algorithm.knobs.sampling.minibatches: {sampling.minibatches} minibatches "
+                         f"need at least as many rows on every data-parallel rank, which may hold "
+                         f"only {sampling.group_size * prompts}")
 
 
 def _without_kl(loss_knobs):

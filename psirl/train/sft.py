@@ -18,6 +18,7 @@ from psirl.train.base import (
     build_scheduler,
     run_loop,
 )
+from psirl.train.distributed import shard_indices, world
 from psirl.train.evaluation import task_evaluator
 from psirl.train.setup import (
     build_policy,
@@ -106,6 +107,8 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
 
     def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
         idx = epoch_batch_indices(len(examples), config.optim.batch_size, step_index, config.seed)
+        rank, world_size = world()  # data-parallel: this rank's contiguous slice of the batch
+        idx = [idx[i] for i in shard_indices(len(idx), rank, world_size)]
         return sft_update(model, params, optimizer, scheduler, [prompts[i] for i in idx],
                           [completions[i] for i in idx], pad_id=pad_id,
                           grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip)
@@ -114,4 +117,4 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
 
     return LoopSpec(models={"policy": model}, tokenizer=tokenizer,
                     optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
-                    step=step, evaluate=evaluate)
+                    step=step, evaluate=evaluate, data_parallel=True)

@@ -4,7 +4,9 @@
 
 (core/sft.py ``sft_token_loss``). The examples are sorted by length and cut into ``grad_accum``
 micro-batches; N is computed once for the whole step, so the summed micro-batch gradients equal
-the full-batch gradient.
+the full-batch gradient. Under data parallelism (train/distributed.py) the examples are this
+rank's shard, N counts the tokens of every rank's shard (all-reduced), and the gradients are
+summed over ranks before clipping: again exactly the full-batch gradient.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from psirl.core.sft import sft_token_loss
 from psirl.train.base import clip_and_step, split_microbatches
+from psirl.train.distributed import all_reduce_gradients, all_reduce_sum
 from psirl.train.setup import pad_prompt_completion
 
 
@@ -32,12 +35,14 @@ def sft_update(
 
     prompts[i], completions[i]: token ids (completion non-empty, prompt non-empty). With no
     examples the optimiser and scheduler still step (nothing changes; the LR schedule stays
-    aligned with the step count). Returns {"loss", "grad_norm", "tokens"} (floats).
+    aligned with the step count). Returns {"loss", "grad_norm", "tokens"} (floats), of the
+    global step when data-parallel (loss and tokens summed over ranks).
     """
     from psirl.models.logprobs import token_logprobs
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
-    n_tokens = sum(len(c) for c in completions)  # the step's normaliser, computed once
+    # The step's normaliser, computed once (summed over data-parallel ranks).
+    n_tokens = all_reduce_sum(float(sum(len(c) for c in completions)))
     total = 0.0
     if order:
         for mb in split_microbatches(len(order), grad_accum):
@@ -50,5 +55,6 @@ def sft_update(
             loss = sft_token_loss(logp, cmask, n_tokens)
             loss.backward()
             total += float(loss.detach())
+    all_reduce_gradients(params)
     grad_norm = clip_and_step(params, optimizer, scheduler, grad_clip)
-    return {"loss": total, "grad_norm": grad_norm, "tokens": float(n_tokens)}
+    return {"loss": all_reduce_sum(total), "grad_norm": grad_norm, "tokens": float(n_tokens)}
