@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/psirl demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check psirl tests benchmarks

@@ -108,7 +108,7 @@ def test_unknown_key_inside_a_reward_kind(tmp_path):
     assert _error(path).splitlines() == [
         f"{path}: reward.pattern: required key is missing",
         f"{path}: reward.patern: unknown key (did you mean 'pattern'?); "
-        "allowed keys here: fallback, kind, pattern, value",
+        "allowed keys here: fallback, kind, pattern, shuffle, value",
     ]
     path = _write(tmp_path, BASE + "reward: {kind: judge_llm}\n", "c2.yaml")
     assert _error(path).startswith(f"{path}: reward: Input tag 'judge_llm' found using 'kind'")
