@@ -87,3 +87,15 @@ def test_train_with_overrides_then_resume_a_finished_run(tmp_path):
         assert (run / "metrics.jsonl").read_bytes() == metrics
     finally:
         torch.set_num_threads(before)
+
+
+def test_eval_reports_accuracy_of_a_saved_model(tmp_path):
+    """`psirl eval` on an untrained tiny model: valid JSON, accuracy 0 (it cannot add yet)."""
+    from psirl.models.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=2,
+                                intermediate_size=64)
+    result = invoke("eval", str(model_dir), "--task", "addition", "--n", "8", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out == {"task": "addition", "n": 8, "greedy": True, "accuracy": 0.0}

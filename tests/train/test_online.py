@@ -130,3 +130,23 @@ def test_online_resume_matches_uninterrupted(tiny_dir, tmp_path, preset):
     assert metrics_differences(full, resumed) == []
     a, b = _weights(full / "final"), _weights(resumed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_reset_and_adaptive_kl(tiny_dir, tmp_path):
+    """ref_reset_every=1: the reference is the policy that sampled the next batch, so that
+    batch's KL is ~0; the adaptive controller moves β away from its start (Ziegler et al.)."""
+    cfg = online_config(tiny_dir, tmp_path / "reset", "ppo", max_steps=3,
+                        reward={"kind": "format", "pattern": "^1"},
+                        algorithm={"preset": "ppo", "knobs": {
+                            "sampling": {"group_size": 4, "max_new_tokens": 3},
+                            "kl_control": {"adaptive": True, "target": 0.01, "horizon": 10,
+                                           "ref_reset_every": 1}}})
+    records = read_metrics(run_config(cfg, quiet=True))
+    assert all(r["kl/ref_reset"] == 1.0 for r in records)
+    # Step 1 samples from the initial policy = the reference: KL is 0 up to float rounding.
+    assert abs(records[0]["kl/mean"]) < 1e-4
+    assert abs(records[1]["kl/mean"]) < 1e-4 and abs(records[2]["kl/mean"]) < 1e-4
+    beta0 = PRESETS["ppo"]["knobs"]["loss"]["kl_coef"]
+    # KL (~0) is below the target: e = -1 clipped to -0.2; β shrinks by 1 - 0.2 * B / horizon.
+    batch = 4 * 4
+    assert records[0]["kl/coef"] == pytest.approx(beta0 * (1 - 0.2 * batch / 10))
