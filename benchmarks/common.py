@@ -61,7 +61,7 @@ class Shape:
     lr: float = 3e-4
     sft_steps: int = 800
     sft_batch: int = 64
-    sft_lr: float = 2e-3
+    sft_lr: float = 1e-3
     steps: int = 15
     warmup: int = 3
     n_train: int = 2000
@@ -371,6 +371,7 @@ def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
     out = CACHE / f"result-{script.removesuffix('.py')}-{os.getpid()}-{time.monotonic_ns()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    load_before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
@@ -379,6 +380,8 @@ def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
         return {"error": f"{script} exited with {proc.returncode}", "log_tail": tail, "cmd": cmd}
     result = json.loads(out.read_text())
     out.unlink()
+    # 1-minute load average around the run: above ~1.5 on 2 cores, other processes competed.
+    result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     return result
 
 

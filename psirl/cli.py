@@ -62,7 +62,10 @@ def train(
         # Bad input (config, data, model folder, a used output_dir): one line, no traceback.
         _fail(str(exc))
         return
-    typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+    from psirl.train.distributed import is_main
+
+    if is_main():  # one line, not one per data-parallel rank
+        typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
 @app.command()

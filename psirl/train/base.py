@@ -393,16 +393,19 @@ def run_loop(
                     metrics.update(spec.evaluate(done))
                 logger.log(done, metrics)
                 progress.advance(summary_line(done, metrics, summary_keys))
-                # A SIGTERM seen by any rank stops every rank at this step boundary.
-                stop_requested["flag"] = any_rank(stop_requested["flag"])
+                # A SIGTERM seen by any rank stops every rank at this step boundary (decided
+                # once, here: a signal arriving later waits for the next boundary).
+                stopping = any_rank(stop_requested["flag"])
+                stop_requested["flag"] |= stopping
                 every = config.checkpoint.every
-                if (every > 0 and done % every == 0) or done == config.max_steps or stop_requested["flag"]:
-                    rank_rng = gather_objects(_rng_state()) if world()[1] > 1 else None
+                if (every > 0 and done % every == 0) or done == config.max_steps or stopping:
+                    # Data-parallel: every rank's RNG state goes into rank 0's checkpoint.
+                    per_rank = {"rank_rng": gather_objects(_rng_state())} if world()[1] > 1 else {}
                     if main:
                         save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last,
-                                        rank_rng=rank_rng)
+                                        **per_rank)
                     barrier()
-                if stop_requested["flag"]:
+                if stopping:
                     break
     finally:
         logger.close()

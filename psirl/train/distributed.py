@@ -233,12 +233,13 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], bucket_numel: int
             p.grad = torch.zeros_like(p)
         live.append(p)
     bucket: list[torch.nn.Parameter] = []
+    size = 0
     for p in live:
-        if bucket and (p.grad.dtype != bucket[0].grad.dtype
-                       or sum(q.numel() for q in bucket) + p.numel() > bucket_numel):
+        if bucket and (p.grad.dtype != bucket[0].grad.dtype or size + p.numel() > bucket_numel):
             _reduce_bucket(bucket)
-            bucket = []
+            bucket, size = [], 0
         bucket.append(p)
+        size += p.numel()
     if bucket:
         _reduce_bucket(bucket)
 

@@ -5,8 +5,10 @@
 Part 1 (gradients): on the batch in DATA.pt, this rank backpropagates its shard with the global
 normaliser and all-reduces the gradients, for the SFT update and for policy_loss in every
 aggregation mode; it also runs the batch-level advantage estimators and reduce_metrics. Part 2
-(end to end): `psirl train CFG.yaml` through the CLI. Each rank writes OUT/rank{r}.pt; the test
-compares them with single-process results computed in the test process.
+(end to end): `psirl train CFG.yaml` through the CLI, resumed, and run again uninterrupted;
+then the SFT loop from sft.yaml beside CFG.yaml.
+Each rank writes OUT/rank{r}.pt; the test compares them with single-process results computed in
+the test process.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def gradient_part(data: dict, tiny_dir: str, rank: int, world_size: int) -> dict
     return out
 
 
-def online_part(cfg_path: str) -> dict:
-    """`psirl train CFG.yaml` through the CLI; returns a digest of the trained policy."""
+def online_part(cfg_path: str, out_dir: Path) -> dict:
+    """Through the CLI: `psirl train CFG.yaml` (2 steps), `--resume` it to 3 steps, and a fresh
+    uninterrupted 3-step run; returns digests of the trained policies, every rank's included."""
     import psirl.train.online as online
     from psirl.cli import app
 
@@ -119,12 +122,24 @@ def online_part(cfg_path: str) -> dict:
         trained["policy"] = spec.models["policy"]
         return spec
 
+    def digest() -> str:
+        h = hashlib.sha256()
+        for _, p in sorted(trained["policy"].state_dict().items()):
+            h.update(p.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     online.build_online = build_and_keep
+    out = {}
     app(["train", cfg_path, "--quiet"], standalone_mode=False)
-    digest = hashlib.sha256()
-    for _, p in sorted(trained["policy"].state_dict().items()):
-        digest.update(p.detach().contiguous().numpy().tobytes())
-    return {"digest": digest.hexdigest(), "digests": D.gather_objects(digest.hexdigest())}
+    out["digests_2"] = D.gather_objects(digest())
+    app(["train", "--resume", str(out_dir / "run"), "max_steps=3", "--quiet"], standalone_mode=False)
+    out["digests_resumed"] = D.gather_objects(digest())
+    app(["train", cfg_path, f"output_dir={out_dir / 'run_uninterrupted'}", "max_steps=3", "--quiet"],
+        standalone_mode=False)
+    out["digests_uninterrupted"] = D.gather_objects(digest())
+    # SFT: 2 steps of 6 examples, 3 per rank, a tiny model that rank 0 builds in the run folder.
+    app(["train", str(Path(cfg_path).with_name("sft.yaml")), "--quiet"], standalone_mode=False)
+    return out
 
 
 def main() -> None:
@@ -134,7 +149,7 @@ def main() -> None:
     assert world_size == 2, world_size
     data = torch.load(data_path, weights_only=True)
     result = gradient_part(data, tiny_dir, rank, world_size)
-    result.update(online_part(cfg_path))
+    result.update(online_part(cfg_path, Path(out_dir)))
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 

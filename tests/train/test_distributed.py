@@ -1,5 +1,6 @@
 """Data parallelism: 2 gloo ranks give exactly the single-process full-batch gradient, and a
-2-rank `psirl train` online run writes one set of metrics and keeps the ranks' weights identical.
+2-rank `psirl train` online run writes one set of metrics, keeps the ranks' weights identical and
+resumes exactly.
 
 One torchrun launch (tests/train/dist_worker.py) does all the 2-rank work; the references are
 computed here, in one process, from the plain full-batch losses.
@@ -7,7 +8,6 @@ computed here, in one process, from the plain full-batch losses.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from dist_worker import CONSTANT, policy_knobs
+from safetensors.torch import load_file
 
 from psirl.core.advantages import ADVANTAGE_ESTIMATORS
 from psirl.core.aggregate import AGGREGATION_MODES, step_normaliser
@@ -26,8 +27,10 @@ from psirl.core.objective import policy_loss
 from psirl.models.loading import load_policy
 from psirl.models.logprobs import token_logprobs
 from psirl.models.tiny import make_tiny_model
-from psirl.track.metrics import read_metrics
+from psirl.track.metrics import metrics_differences, read_metrics
 from psirl.train import distributed as D
+from psirl.train import run_config
+from psirl.train.config import config_from_dict
 from psirl.train.setup import pad_prompt_completion
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -75,6 +78,18 @@ def _make_data(tiny_dir: Path) -> dict:
     return data
 
 
+def _sft_config(output_dir: Path) -> dict:
+    return {"loop": "sft", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
+            "device": "cpu",
+            "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                               "intermediate_size": 64}},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 32},
+            # eps >> the rounding noise of gradients whose exact value is 0 (the k_proj bias:
+            # softmax ignores it), which AdamW would otherwise blow up to lr-sized steps.
+            "optim": {"lr": 1e-2, "eps": 1e-4, "batch_size": 6, "grad_accum": 2},
+            "checkpoint": {"every": 0}}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Launch the 2-rank worker once; return (data, tiny_dir, run_dir, [rank0, rank1] results)."""
@@ -96,6 +111,7 @@ def two_ranks(tmp_path_factory):
         "checkpoint": {"every": 1},
     }
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft_2ranks")))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -179,18 +195,50 @@ def test_gradient_reduction_keeps_none_and_metrics_are_global(two_ranks):
 
 def test_two_rank_online_run_logs_once_and_keeps_ranks_identical(two_ranks):
     *_, run_dir, results = two_ranks
+    # The run was resumed from step 2 to 3: rank 0 alone wrote one line per step (eval at 0, 2, 3).
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == [0, 1, 2]  # eval at 0, then one line per step
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[1])["step"] == 1
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
     for record in records[1:]:
-        for key in ("reward/mean", "loss/total", "grad_norm", "entropy/mean", "task/accuracy"):
+        for key in ("reward/mean", "reward/std", "loss/total", "grad_norm", "entropy/mean",
+                    "task/accuracy", "ratio/max"):
             assert math.isfinite(record[key]), (key, record)
-    assert "eval/accuracy_greedy" in records[-1] or "eval/accuracy" in records[-1]
-    assert results[0]["digests"] == results[1]["digests"] == [results[0]["digest"]] * 2
+    assert [("eval/accuracy_greedy" in r) for r in records] == [True, False, True, True]
     assert (run_dir / "final" / "config.json").is_file() and (run_dir / "report.html").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001",
-                                                                         "step-00000002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002",
+                                                                         "step-00000003"]
+    # Both ranks hold the same weights after every run...
+    for key in ("digests_2", "digests_resumed", "digests_uninterrupted"):
+        assert results[0][key] == results[1][key] and results[0][key][0] == results[0][key][1]
+    assert results[0]["digests_2"] != results[0]["digests_resumed"]  # (step 3 changed them)
+    # ...and resuming at step 2 continues exactly as the uninterrupted 3-step run.
+    assert results[0]["digests_resumed"] == results[0]["digests_uninterrupted"]
+    assert metrics_differences(run_dir, run_dir.with_name("run_uninterrupted")) == []
+
+
+def test_two_rank_sft_run_matches_one_process(two_ranks, tmp_path):
+    """Each rank trains on 3 of the step's 6 examples; the weights after 2 AdamW steps equal a
+    single-process run's (up to float rounding of the gradient sum's order)."""
+    *_, run_dir, _ = two_ranks
+    dp_dir = run_dir.with_name("sft_2ranks")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_dir = run_config(config_from_dict(_sft_config(tmp_path / "sft_1rank")), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    dp, one = read_metrics(dp_dir), read_metrics(one_dir)
+    assert [r["step"] for r in dp] == [1, 2]
+    for a, b in zip(dp, one, strict=True):
+        assert a["tokens"] == b["tokens"]  # the global token count of the step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    got, want = load_file(str(dp_dir / "final" / "model.safetensors")), load_file(
+        str(one_dir / "final" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(want[k], load_file(str(one_dir / "init_model" / "model.safetensors"))[k])
+               for k in want)
 
 
 def test_helpers_are_identities_with_one_process():
