@@ -18,6 +18,7 @@ logging and evaluation are outside it, as TRL's logging is outside its on_step_b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
+    ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
     ap.add_argument("--profile", default=None,
                     help="write a cProfile of train() here (pstats) and print the top functions")
     ap.add_argument("--out", required=True)
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     from psirl.train.online import train
 
     shape = C.SHAPES[args.shape]
+    if args.lr is not None:
+        shape = dataclasses.replace(shape, lr=args.lr)
     warmup = shape.warmup if args.warmup is None else args.warmup
     steps = shape.steps if args.steps is None else args.steps
     total = warmup + steps if args.mode == "speed" else args.max_steps

@@ -18,6 +18,7 @@ log-probs, loss, backward and optimiser step (logging between steps is outside i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
+    ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
     ap.add_argument("--profile", default=None,
                     help="write a cProfile of trainer.train() here (pstats) and print the top functions")
     ap.add_argument("--out", required=True)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401  (imported before the memory reset)
 
     shape = C.SHAPES[args.shape]
+    if args.lr is not None:
+        shape = dataclasses.replace(shape, lr=args.lr)
     warmup = shape.warmup if args.warmup is None else args.warmup
     steps = shape.steps if args.steps is None else args.steps
     total = warmup + steps if args.mode == "speed" else args.max_steps

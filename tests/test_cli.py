@@ -46,7 +46,7 @@ def test_report_writes_report_html(tmp_path):
     result = invoke("report", str(run))
     assert result.exit_code == 0, result.output
     report = run / "report.html"
-    assert result.output.strip() == str(report)
+    assert result.output.strip().splitlines()[-1] == str(report)
     text = report.read_text()
     assert text.lstrip().lower().startswith("<!doctype html")
     assert "eval/accuracy" in text and "loss" in text

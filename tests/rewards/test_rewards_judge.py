@@ -64,7 +64,15 @@ def judge_server():
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class QuietServer(ThreadingHTTPServer):
+        # Join handler threads on close, so a handler still sleeping past a client's timeout
+        # finishes inside this test, and its broken pipe is not printed into a later test.
+        daemon_threads = False
+
+        def handle_error(self, request, client_address):
+            pass
+
+    server = QuietServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
