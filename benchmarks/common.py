@@ -29,7 +29,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = ROOT / "runs" / "bench"
 THREADS = 2  # the same for both libraries (and for the matmul measurement)
-RECIPE_VERSION = 2  # bump when the checkpoint recipe (model build, SFT) changes
+RECIPE_VERSION = 3  # bump when the checkpoint recipe (model build, SFT) changes
+# Shape fields that change the checkpoint (the others only change the GRPO run).
+CHECKPOINT_FIELDS = ("name", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab_size",
+                     "tie_embeddings", "digits", "max_new_tokens", "sft_steps", "sft_batch", "sft_lr",
+                     "seed")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -58,7 +62,7 @@ class Shape:
     max_new_tokens: int = 16
     temperature: float = 1.0
     beta: float = 0.04
-    lr: float = 3e-4
+    lr: float = 5e-5
     sft_steps: int = 800
     sft_batch: int = 64
     sft_lr: float = 1e-3
@@ -98,18 +102,26 @@ def task_reward(task, completion: str, record: dict) -> float:
     return float(task.reward(completion, record))
 
 
-def train_records(shape: Shape) -> list[dict]:
-    return addition_task(shape.digits).make(shape.n_train, seed=shape.seed)
+def train_records(shape: Shape, seed: int | None = None) -> list[dict]:
+    """The GRPO run's prompts: psirl's online loop draws `task.make(n_train, seed=config.seed)`,
+    and the TRL side is given exactly these."""
+    return addition_task(shape.digits).make(shape.n_train, seed=shape.seed if seed is None else seed)
 
 
 def eval_records(shape: Shape, n: int) -> list[dict]:
-    """The held-out prompts psirl's online loop evaluates on (psirl.train.setup.eval_records)."""
-    from psirl_grpo import psirl_config
+    """Held-out prompts: the task's "test" split (problems never in the train split)."""
+    return addition_task(shape.digits).make(n, seed=shape.seed, split="test")
 
-    from psirl.train.setup import eval_records as psirl_eval_records
 
-    config = psirl_config(shape, CACHE / "unused", max_steps=1, eval_every=1, eval_n=n)
-    return psirl_eval_records(config, addition_task(shape.digits))
+def eval_file(shape: Shape, n: int) -> Path:
+    """`eval_records` as a JSONL file: psirl reads it as `data.eval_path`, TRL's side as records."""
+    path = CACHE / f"eval-{shape.name}-d{shape.digits}-s{shape.seed}-n{n}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in eval_records(shape, n)))
+        tmp.replace(path)
+    return path
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -126,7 +138,8 @@ def prepare_checkpoint(shape: Shape, force: bool = False) -> Path:
     """
     out = checkpoint_dir(shape)
     stamp = out / "bench_shape.json"
-    want = {"shape": asdict(shape), "recipe": RECIPE_VERSION}
+    want = {"shape": {k: v for k, v in asdict(shape).items() if k in CHECKPOINT_FIELDS},
+            "recipe": RECIPE_VERSION}
     if not force and stamp.exists():
         have = json.loads(stamp.read_text())
         if {k: have.get(k) for k in want} == want:

@@ -1,10 +1,12 @@
-"""Peak memory of per-token log-probs: psirl `token_logprobs` vs a naive full-logits log_softmax.
+"""Peak memory of per-token log-probs: psirl `token_logprobs` vs a naive full-logits log_softmax
+(and TRL's fused lm_head, what its GRPOTrainer uses).
 
 One subprocess per (vocabulary, method), so allocator state never carries over. Inside it, for the
 forward pass alone (no grad: what the reference model does) and for forward + backward (the
-policy; the parameters' .grad buffers are allocated beforehand), the kernel's peak-RSS counter
-is reset and the call is run: the reported number is that peak minus the RSS just before the
-call, i.e. the memory the log-prob computation itself needs.
+policy; the parameters' .grad buffers are allocated beforehand), the call is run once to warm
+up, then the kernel's peak-RSS counter is reset and the call is run again: the reported number
+is that peak minus the RSS just before the call, i.e. the memory the log-prob computation itself
+needs.
 
     python benchmarks/logprob_memory.py --vocab 151936 --method naive --out x.json
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-METHODS = ("naive", "psirl", "psirl-chunk128")
+METHODS = ("naive", "trl-fused", "psirl", "psirl-chunk128")
 
 
 def naive_logprobs(model, input_ids, attention_mask, n_completion: int):
@@ -51,6 +53,7 @@ def measure(model, fn, grad: bool) -> dict:
                 logp.sum().backward()
         return logp
 
+    call()  # warm-up: first-call allocations (thread pools, masks) are not the method's
     gc.collect()
     base = C.rss_mb()
     ok = C.reset_peak_rss()
@@ -87,6 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.method == "naive":
         def fn():
             return naive_logprobs(model, input_ids, attention_mask, args.tokens)
+    elif args.method == "trl-fused":
+        # What GRPOTrainer does (trl 1.16, _get_per_token_logps_and_entropies): a fused, tiled
+        # lm_head + log-softmax patched onto the model, scoring only the labelled positions.
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+        labels = input_ids.clone()
+        labels[:, :-args.tokens] = -100
+
+        def fn():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                        fused_lm_head=True)
+            return out.log_probs[:, -args.tokens:]
     else:
         chunk = 128 if args.method == "psirl-chunk128" else None
         kwargs = {} if chunk is None else {"chunk_tokens": chunk}

@@ -32,20 +32,25 @@ import common as C  # noqa: E402
 
 
 def psirl_config(shape: C.Shape, run_dir: Path, *, max_steps: int, eval_every: int = 0,
-                 eval_n: int = 256, ckpt: Path | None = None):
-    """The psirl run config of a benchmark shape (a plain TrainConfig, validated by psirl)."""
+                 eval_n: int = 256, ckpt: Path | None = None, seed: int | None = None):
+    """The psirl run config of a benchmark shape (a plain TrainConfig, validated by psirl).
+
+    seed: the run's seed (prompt order, sampling); the checkpoint and the held-out prompts
+    (`data.eval_path`, the task's test split) do not depend on it.
+    """
     from psirl.train.config import config_from_dict
 
     return config_from_dict({
         "loop": "online",
         "output_dir": str(run_dir),
-        "seed": shape.seed,
+        "seed": shape.seed if seed is None else seed,
         "max_steps": max_steps,
         "device": shape.device,
         "dtype": "float32",
         "model": {"path": str(ckpt or C.checkpoint_dir(shape))},
         "data": {"task": "addition", "task_kwargs": {"digits": shape.digits},
-                 "n_train": shape.n_train, "chat": False},
+                 "n_train": shape.n_train, "chat": False,
+                 "eval_path": str(C.eval_file(shape, eval_n))},
         "optim": {"lr": shape.lr, "batch_size": shape.n_prompts, "grad_clip": 1.0,
                   "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
     ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
+    ap.add_argument("--seed", type=int, default=None, help="the run's seed (default: the shape's)")
     ap.add_argument("--profile", default=None,
                     help="write a cProfile of train() here (pstats) and print the top functions")
     ap.add_argument("--out", required=True)
@@ -104,15 +110,16 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     config = psirl_config(shape, run_dir, max_steps=total, ckpt=Path(args.ckpt),
                           eval_every=args.eval_every if args.mode == "learn" else 0,
-                          eval_n=args.eval_n)
+                          eval_n=args.eval_n, seed=args.seed)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.ckpt)
-    records = C.train_records(shape)
+    records = C.train_records(shape, args.seed)
     prompt_len = statistics.mean(
         len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in records)
 
     rss_imports = C.rss_mb()
+    peak_imports = C.peak_rss_mb()  # peak so far (imports, tokenizer); the reset forgets it
     C.reset_peak_rss()
     t_train = time.perf_counter()
     if args.profile:
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "lib": "psirl",
         "shape": shape.name,
         "mode": args.mode,
+        "seed": config.seed,
         "device": shape.device,
         "warmup": warmup,
         "step_times": times,
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "import_s": t_train - t_start,
         "rss_after_imports_mb": rss_imports,
         "peak_train_rss_mb": peak_train,
-        "peak_rss_mb": max(peak_train, rss_imports),
+        "peak_rss_mb": max(peak_train, peak_imports),
     }
     if args.gen_bench:
         result["generation"] = generation_bench(Path(args.ckpt), records, shape)

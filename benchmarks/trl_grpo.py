@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 
-def build_config(shape: C.Shape, total_steps: int, output_dir: Path):
+def build_config(shape: C.Shape, total_steps: int, output_dir: Path, seed: int):
     import torch
     from trl import GRPOConfig
 
@@ -67,7 +68,7 @@ def build_config(shape: C.Shape, total_steps: int, output_dir: Path):
         logging_steps=1,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        seed=shape.seed,
+        seed=seed,
         log_completions=False,
         model_init_kwargs={"dtype": torch.float32},
     )
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
     ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
+    ap.add_argument("--seed", type=int, default=None, help="the run's seed (default: the shape's)")
     ap.add_argument("--profile", default=None,
                     help="write a cProfile of trainer.train() here (pstats) and print the top functions")
     ap.add_argument("--out", required=True)
@@ -105,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     steps = shape.steps if args.steps is None else args.steps
     total = warmup + steps if args.mode == "speed" else args.max_steps
     task = C.addition_task(shape.digits)
-    records = C.train_records(shape)
-    ev_records = C.eval_records(shape, args.eval_n)
+    seed = shape.seed if args.seed is None else args.seed
+    records = C.train_records(shape, seed)
+    ev_records = [json.loads(line) for line in C.eval_file(shape, args.eval_n).read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(args.ckpt)
     prompt_len = statistics.mean(
         len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in records)
@@ -115,10 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         return [C.task_reward(task, c, {"answer": a}) for c, a in zip(completions, answer, strict=True)]
 
     rss_imports = C.rss_mb()
+    peak_imports = C.peak_rss_mb()  # peak so far (imports, tokenizer); the reset forgets it
     C.reset_peak_rss()
     t_setup = time.perf_counter()
     dataset = Dataset.from_list(records)
-    config = build_config(shape, total, C.CACHE / f"trl-out-{shape.name}")
+    config = build_config(shape, total, C.CACHE / f"trl-out-{shape.name}", seed)
 
     class Probe(TrainerCallback):
         """Per-step wall-clock, logged metrics and (learn mode) held-out accuracy."""
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "lib": "trl",
         "shape": shape.name,
         "mode": args.mode,
+        "seed": seed,
         "device": str(trainer.model.device),
         "warmup": warmup,
         "step_times": probe.times,
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         "import_s": t_setup - t_start,
         "rss_after_imports_mb": rss_imports,
         "peak_train_rss_mb": peak_train,
-        "peak_rss_mb": max(peak_train, rss_imports),
+        "peak_rss_mb": max(peak_train, peak_imports),
     }
     if args.gen_bench:
         result["generation"] = generation_bench(trainer, tokenizer, records, shape)
