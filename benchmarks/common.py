@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = ROOT / "runs" / "bench"
 THREADS = 2  # the same for both libraries (and for the matmul measurement)
-RECIPE_VERSION = 3  # bump when the checkpoint recipe (model build, SFT) changes
+RECIPE_VERSION = 4  # bump when the checkpoint recipe (model build, SFT) changes
 # Shape fields that change the checkpoint (the others only change the GRPO run).
 CHECKPOINT_FIELDS = ("name", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab_size",
                      "tie_embeddings", "digits", "max_new_tokens", "sft_steps", "sft_batch", "sft_lr",
@@ -109,8 +109,18 @@ def train_records(shape: Shape, seed: int | None = None) -> list[dict]:
 
 
 def eval_records(shape: Shape, n: int) -> list[dict]:
-    """Held-out prompts: the task's "test" split (problems never in the train split)."""
-    return addition_task(shape.digits).make(n, seed=shape.seed, split="test")
+    """Held-out prompts: up to `n` DISTINCT problems of the task's "test" split (never in the train
+    split; `make` draws with replacement, so draws are de-duplicated). For 2-digit addition the
+    test split has ~1000 problems, so n >= 1025 means all of them."""
+    task = addition_task(shape.digits)
+    seen, out = set(), []
+    for record in task.make(max(20 * n, 30_000), seed=shape.seed, split="test"):
+        if record["prompt"] not in seen:
+            seen.add(record["prompt"])
+            out.append(record)
+            if len(out) == n:
+                break
+    return out
 
 
 def eval_file(shape: Shape, n: int) -> Path:

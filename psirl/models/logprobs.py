@@ -17,6 +17,8 @@ output alive until backward, i.e. [B*T, V] float32 again. The recompute costs on
 chunk 128, forward+backward, peak live tensor bytes): naive full logits 506 MB, chunks with plain
 autograd 100 MB, chunks with checkpoint 57 MB, for ~15% more time than plain-autograd chunks
 (and ~3x less than naive, which also computes logits for every prompt position).
+When the whole [B*T, V] float32 is small (under CHECKPOINT_MIN_BYTES, e.g. a character
+vocabulary) the chunks run under plain autograd instead: nothing worth saving, no recompute.
 See tests/models/test_models_logprobs_memory.py.
 """
 
@@ -29,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbone import apply_logit_transform, completion_hidden_states, split_backbone_and_head
 
+CHECKPOINT_MIN_BYTES = 16 * 2**20  # float32 log-probs autograd may keep before we checkpoint
+
 
 def token_logprobs(
     model: nn.Module,
@@ -38,6 +42,7 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     chunk_tokens: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the last ``n_completion`` tokens of each row, and optionally entropy.
@@ -49,6 +54,8 @@ def token_logprobs(
         n_completion: T >= 1, the completion is ``input_ids[:, L-T:]``; P = L - T >= 1.
         temperature: logits are divided by it before the softmax (> 0), matching the sampler.
         with_entropy: also return the entropy of the temperature-scaled next-token distribution.
+        entropy_grad: let gradients flow through the entropy (needed for an entropy bonus);
+            False computes it as a detached metric, which keeps it out of backward.
         chunk_tokens: rows of the flattened [B*T, H] states sent through the head at once.
 
     Returns:
@@ -75,14 +82,25 @@ def token_logprobs(
             logits = logits / temperature
         logp_all = F.log_softmax(logits, dim=-1)  # [n, V] float32, freed after this chunk
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        if with_entropy:
+        if with_entropy and entropy_grad:
             entropy = -(logp_all.exp() * logp_all).sum(-1)
+        elif with_entropy:
+            # A metric only (no entropy bonus): kept out of autograd, so backward skips it.
+            with torch.no_grad():
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
         else:
             entropy = logp.new_zeros(())
         return logp, entropy
 
-    use_checkpoint = torch.is_grad_enabled() and (
-        flat_hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    # Without checkpointing, autograd keeps every chunk's float32 log-softmax until backward,
+    # i.e. [B*T, V] in all. Checkpoint only when that is big enough to matter: for a small
+    # vocabulary the recomputation in backward costs more time than the memory is worth.
+    vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", None) or 2**20
+    kept_logit_bytes = batch * steps * vocab * 4
+    use_checkpoint = (
+        torch.is_grad_enabled()
+        and kept_logit_bytes > CHECKPOINT_MIN_BYTES
+        and (flat_hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     )
     logps, entropies = [], []
     for start in range(0, batch * steps, chunk_tokens):

@@ -114,7 +114,8 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         # Same distribution as the engine's behaviour log-probs: softmax(z / T) (T = 0: greedy,
         # scored under T = 1), so ratios start at exactly 1 up to float rounding.
         return token_logprobs(m, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
-                              temperature=sampling.temperature or 1.0, with_entropy=with_entropy)
+                              temperature=sampling.temperature or 1.0, with_entropy=with_entropy,
+                              entropy_grad=knobs.loss.entropy_coef > 0)
 
     def sample(prompts_idx: list[int], seed: int) -> tuple[RolloutBatch, torch.Tensor, list[dict]]:
         recs = [records[i] for i in prompts_idx]
