@@ -99,7 +99,9 @@ def test_from_lora_policy_gives_full_trainable_backbone(tiny_dir):
     with torch.no_grad():
         critic.head.weight.zero_()
         critic.head.weight[0, 3] = 1.0
+    # Merged W + BA vs W x + B(A x): equal up to float32 rounding of the (large, std 0.5) update,
+    # seen up to 3e-5 depending on the thread count.
     torch.testing.assert_close(
-        critic.values(ids, mask, 3), merged_hidden.last_hidden_state[:, 4:7, 3], atol=1e-5, rtol=0
+        critic.values(ids, mask, 3), merged_hidden.last_hidden_state[:, 4:7, 3], atol=1e-4, rtol=0
     )
     assert any("lora_B" in n for n, _ in wrapped.named_parameters())  # policy untouched
