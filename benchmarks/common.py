@@ -389,14 +389,48 @@ def machine_info() -> dict:
     return info
 
 
-def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs' time spent busy over the next `seconds` (from /proc/stat)."""
+
+    def read():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = read()
+    time.sleep(seconds)
+    total1, idle1 = read()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle_cpu(max_busy: float, timeout: float) -> dict:
+    """Block until the machine is idle (busy fraction < max_busy over 1 s) or `timeout` passes.
+
+    On a shared machine other processes' bursts would otherwise land inside a timed run (with
+    2 cores and 2 torch threads, one competing process slows torch's thread team severalfold).
+    Returns {"waited_s", "busy"} for the record; max_busy >= 1 disables the wait.
+    """
+    t0 = time.monotonic()
+    busy = cpu_busy_fraction()
+    while max_busy < 1.0 and busy >= max_busy and time.monotonic() - t0 < timeout:
+        busy = cpu_busy_fraction()
+    return {"waited_s": round(time.monotonic() - t0, 1), "busy": round(busy, 3)}
+
+
+IDLE = {"max_busy": 0.25, "timeout": 300.0}  # set by run.py's --idle-* options
+
+
+def run_worker(script: str, args: list[str], timeout: float = 3600,
+               extra_env: dict[str, str] | None = None) -> dict:
     """Run benchmarks/<script> in a fresh interpreter; it writes its result JSON to --out."""
     out = CACHE / f"result-{script.removesuffix('.py')}-{os.getpid()}-{time.monotonic_ns()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    idle = wait_for_idle_cpu(IDLE["max_busy"], IDLE["timeout"])
     load_before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               **(extra_env or {}))
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
@@ -405,6 +439,7 @@ def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
     out.unlink()
     # 1-minute load average around the run: above ~1.5 on 2 cores, other processes competed.
     result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+    result["idle_wait"] = idle
     return result
 
 

@@ -6,15 +6,10 @@ change is worth before making it in psirl/. Each patch is a self-contained candi
 
   sample   psirl/rollout/hf_engine.py:_sample - draw the token by inverse CDF (cumsum +
            searchsorted(right=True)) instead of torch.multinomial (slow on CPU for wide vocabs).
-  adam     psirl/train/base.py:build_optimizer - AdamW(fused=True).
-  clip     psirl/train/base.py:clip_and_step - one grad-norm computation (clip_grad_norm_
-           returns the pre-clip total norm) instead of a per-tensor norm list plus clip_grad_norm_.
   prefix   psirl/models/backbone.py:completion_hidden_states - run each distinct prompt once and
            continue the G completions of its group from its KV cache (ref and policy passes).
-  entropy  psirl/models/logprobs.py:token_logprobs - compute the entropy metric outside autograd
-           (it is only a metric when entropy_coef == 0) instead of inside the checkpointed chunk.
 
-    python benchmarks/what_if.py sample,adam,clip,entropy -- --shape vocab32k \\
+    python benchmarks/what_if.py sample,prefix -- --shape vocab32k \\
         --ckpt runs/bench/ckpt-vocab32k --out /tmp/whatif.json
 """
 
@@ -29,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PATCHES = ("sample", "adam", "clip", "prefix", "entropy")
+PATCHES = ("sample", "prefix")
 
 
 def patch_sample() -> None:
@@ -65,32 +60,6 @@ def patch_sample() -> None:
     hfe._sample = _sample
 
 
-def patch_adam() -> None:
-    import psirl.train.online as online
-
-    def build_optimizer(params, optim):
-        trainable = [p for p in params if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                 weight_decay=optim.weight_decay, fused=True)
-
-    online.build_optimizer = build_optimizer
-
-
-def patch_clip() -> None:
-    import psirl.train.online as online
-
-    def clip_and_step(parameters, optimizer, scheduler=None, grad_clip=None):
-        with_grad = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip if grad_clip else float("inf"))
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    online.clip_and_step = clip_and_step
-
-
 def patch_prefix() -> None:
     from transformers import DynamicCache
 
@@ -123,54 +92,6 @@ def patch_prefix() -> None:
         return torch.cat([first, rest.last_hidden_state], dim=1)
 
     lp.completion_hidden_states = completion_hidden_states
-
-
-def patch_entropy() -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    import psirl.models.logprobs as lp
-
-    def token_logprobs(model, input_ids, attention_mask, n_completion, *, temperature=1.0,
-                       with_entropy=False, chunk_tokens=1024):
-        # psirl's token_logprobs with one change: the entropy is computed from a detached
-        # log-softmax (a metric; no [n, V] autograd graph, no backward through it).
-        decoder, head = lp.split_backbone_and_head(model)
-        config = getattr(model, "config", None)
-        hidden = lp.completion_hidden_states(decoder, input_ids, attention_mask, n_completion)
-        batch, steps, width = hidden.shape
-        flat_hidden = hidden.reshape(batch * steps, width)
-        flat_targets = input_ids[:, -n_completion:].reshape(batch * steps)
-
-        def chunk_fn(h, targets):
-            logits = lp.apply_logit_transform(head(h), config).float()
-            if temperature != 1.0:
-                logits = logits / temperature
-            logp_all = F.log_softmax(logits, dim=-1)
-            logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            if with_entropy:
-                with torch.no_grad():
-                    entropy = -(logp_all.exp() * logp_all).sum(-1)
-            else:
-                entropy = logp.new_zeros(())
-            return logp, entropy
-
-        use_checkpoint = torch.is_grad_enabled() and (
-            flat_hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-        logps, entropies = [], []
-        for start in range(0, batch * steps, chunk_tokens):
-            h = flat_hidden[start : start + chunk_tokens]
-            t = flat_targets[start : start + chunk_tokens]
-            if use_checkpoint:
-                logp, entropy = checkpoint(chunk_fn, h, t, use_reentrant=False)
-            else:
-                logp, entropy = chunk_fn(h, t)
-            logps.append(logp)
-            entropies.append(entropy)
-        logp = torch.cat(logps).view(batch, steps)
-        entropy = torch.cat(entropies).view(batch, steps) if with_entropy else None
-        return logp, entropy
-
-    lp.token_logprobs = token_logprobs
 
 
 def main(argv: list[str]) -> None:
