@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbone import apply_logit_transform, completion_hidden_states, split_backbone_and_head
 
+CHUNK_BYTES = 32 * 2**20  # default size of one chunk's float32 logits
 CHECKPOINT_MIN_BYTES = 16 * 2**20  # float32 log-probs autograd may keep before we checkpoint
 
 
@@ -43,7 +44,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = True,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the last ``n_completion`` tokens of each row, and optionally entropy.
 
@@ -56,7 +57,9 @@ def token_logprobs(
         with_entropy: also return the entropy of the temperature-scaled next-token distribution.
         entropy_grad: let gradients flow through the entropy (needed for an entropy bonus);
             False computes it as a detached metric, which keeps it out of backward.
-        chunk_tokens: rows of the flattened [B*T, H] states sent through the head at once.
+        chunk_tokens: rows of the flattened [B*T, H] states sent through the head at once;
+            None: as many as keep one chunk's float32 logits near CHUNK_BYTES (32 MiB), e.g.
+            about 260 rows for V = 32k, 55 for V = 152k, all rows at once for a character vocabulary.
 
     Returns:
         logp [B, T] float32 with ``logp[b, t] = log softmax(z_{b,P-1+t} / temperature)[input_ids[b, P+t]]``
@@ -67,7 +70,7 @@ def token_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0 for log-probabilities")
-    if chunk_tokens < 1:
+    if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1")
     decoder, head = split_backbone_and_head(model)
     config = getattr(model, "config", None)
@@ -96,6 +99,8 @@ def token_logprobs(
     # i.e. [B*T, V] in all. Checkpoint only when that is big enough to matter: for a small
     # vocabulary the recomputation in backward costs more time than the memory is worth.
     vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", None) or 2**20
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_BYTES // (4 * vocab))
     kept_logit_bytes = batch * steps * vocab * 4
     use_checkpoint = (
         torch.is_grad_enabled()
