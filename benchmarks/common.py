@@ -445,3 +445,26 @@ def run_worker(script: str, args: list[str], timeout: float = 3600,
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+def parse_worker_args(doc: str, argv: list[str] | None = None):
+    """The command line shared by both library workers (trl_grpo.py, psirl_grpo.py)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--ckpt", required=True, help="model folder from common.prepare_checkpoint")
+    ap.add_argument("--steps", type=int, help="measured steps (default: the shape's)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps left out (default: the shape's)")
+    ap.add_argument("--mode", choices=("speed", "learn"), default="speed")
+    ap.add_argument("--target", type=float, default=None, help="learn: held-out greedy accuracy")
+    ap.add_argument("--max-steps", type=int, default=300, help="learn: give up after this many")
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-n", type=int, default=256)
+    ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
+    ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
+    ap.add_argument("--seed", type=int, default=None, help="the run's seed (default: the shape's)")
+    ap.add_argument("--profile", default=None,
+                    help="write a cProfile of the training call here (pstats) and print the top")
+    ap.add_argument("--out", required=True)
+    return ap.parse_args(argv)

@@ -17,7 +17,6 @@ logging and evaluation are outside it, as TRL's logging is outside its on_step_b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -74,23 +73,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="tiny", choices=sorted(C.SHAPES))
-    ap.add_argument("--ckpt", required=True, help="model folder from common.prepare_checkpoint")
-    ap.add_argument("--steps", type=int, help="measured steps (default: the shape's)")
-    ap.add_argument("--warmup", type=int, help="warm-up steps left out (default: the shape's)")
-    ap.add_argument("--mode", choices=("speed", "learn"), default="speed")
-    ap.add_argument("--target", type=float, default=None, help="learn: held-out greedy accuracy")
-    ap.add_argument("--max-steps", type=int, default=300, help="learn: steps to run")
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--eval-n", type=int, default=256)
-    ap.add_argument("--gen-bench", action="store_true", help="also time generation alone")
-    ap.add_argument("--lr", type=float, default=None, help="override the shape's GRPO learning rate")
-    ap.add_argument("--seed", type=int, default=None, help="the run's seed (default: the shape's)")
-    ap.add_argument("--profile", default=None,
-                    help="write a cProfile of train() here (pstats) and print the top functions")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    args = C.parse_worker_args(__doc__, argv)
 
     C.set_threads()
     t_start = time.perf_counter()
