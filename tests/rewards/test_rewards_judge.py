@@ -127,7 +127,8 @@ def test_retries_on_server_errors_then_succeeds(judge_server):
 def test_client_errors_are_not_retried_and_fall_back(judge_server, caplog):
     fake, url = judge_server
     fake.script = [("status", 400)]
-    judge = LLMJudgeReward(url, "m", max_retries=3, backoff_s=0.01, fallback=0.0)
+    # One worker: the scripted 400 goes to the first sample (with several, request order races).
+    judge = LLMJudgeReward(url, "m", max_retries=3, backoff_s=0.01, fallback=0.0, max_workers=1)
     assert judge(["q", "q"], ["a", "b"], [{}, {}]) == [0.0, 0.5]
     assert len(fake.requests) == 2  # one failed without retry, one default reply
     assert judge.metrics() == {"reward/judge/failures": 1.0}
