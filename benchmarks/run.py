@@ -328,6 +328,13 @@ def render(results: dict) -> str:
         if all(le.get(k, {}).get("median_train_s_to_target") for k in LIBS):
             ratio = le["trl"]["median_train_s_to_target"] / le["psirl"]["median_train_s_to_target"]
             lines += ["", f"TRL / psirl median training time to target: **{ratio:.2f}x**."]
+        grpo = results.get("grpo", {})
+        if all(le.get(k, {}).get("median_steps_to_target") and "median_step_s" in grpo.get(k, {})
+               for k in LIBS):
+            est = {k: le[k]["median_steps_to_target"] * grpo[k]["median_step_s"] for k in LIBS}
+            lines += ["", "Contention-free estimate (median steps to target x the section-1 median "
+                      "s/step): " + ", ".join(f"{k} {v:.1f} s" for k, v in est.items())
+                      + f"; TRL / psirl **{est['trl'] / est['psirl']:.2f}x**."]
         lines.append("")
     if "logprob" in results:
         lines += ["#### 4. Log-prob memory (1 sequence, 8 prompt + 1024 completion tokens, hidden 256)", "",
@@ -392,7 +399,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle-timeout", type=float, default=300.0, help="give up waiting after this")
     ap.add_argument("--out", default=str(C.CACHE / "results.json"))
     ap.add_argument("--update-results", action="store_true", help="rewrite benchmarks/RESULTS.md's table block")
+    ap.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                    help="only re-render the tables of an earlier run's results.json (no measuring)")
     args = ap.parse_args(argv)
+    if args.render:
+        text = render(json.loads(Path(args.render).read_text()))
+        print(text)
+        if args.update_results:
+            log(f"updated {update_results_md(text)}")
+        return
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)

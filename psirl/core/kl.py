@@ -71,7 +71,8 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """
     _check(logp, ref_logp)
     rho = ref_logp - logp
-    return torch.exp(rho) - rho - 1.0
+    # expm1(rho) - rho, not exp(rho) - 1 - rho: near rho = 0 the latter rounds below zero.
+    return torch.expm1(rho) - rho
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
