@@ -468,3 +468,16 @@ def parse_worker_args(doc: str, argv: list[str] | None = None):
                     help="write a cProfile of the training call here (pstats) and print the top")
     ap.add_argument("--out", required=True)
     return ap.parse_args(argv)
+
+
+def resolve_run(args):
+    """(shape, warm-up steps, measured steps, total steps) of a worker's command line."""
+    import dataclasses
+
+    shape = SHAPES[args.shape]
+    if args.lr is not None:
+        shape = dataclasses.replace(shape, lr=args.lr)
+    warmup = shape.warmup if args.warmup is None else args.warmup
+    steps = shape.steps if args.steps is None else args.steps
+    total = warmup + steps if args.mode == "speed" else args.max_steps
+    return shape, warmup, steps, total

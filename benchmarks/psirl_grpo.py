@@ -17,7 +17,6 @@ logging and evaluation are outside it, as TRL's logging is outside its on_step_b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import statistics
@@ -83,12 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     import psirl.rollout.hf_engine  # noqa: F401
     from psirl.train.online import train
 
-    shape = C.SHAPES[args.shape]
-    if args.lr is not None:
-        shape = dataclasses.replace(shape, lr=args.lr)
-    warmup = shape.warmup if args.warmup is None else args.warmup
-    steps = shape.steps if args.steps is None else args.steps
-    total = warmup + steps if args.mode == "speed" else args.max_steps
+    shape, warmup, steps, total = C.resolve_run(args)
     run_dir = C.CACHE / f"psirl-run-{shape.name}-{args.mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = psirl_config(shape, run_dir, max_steps=total, ckpt=Path(args.ckpt),

@@ -17,7 +17,6 @@ log-probs, loss, backward and optimiser step (logging between steps is outside i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -83,12 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401  (imported before the memory reset)
 
-    shape = C.SHAPES[args.shape]
-    if args.lr is not None:
-        shape = dataclasses.replace(shape, lr=args.lr)
-    warmup = shape.warmup if args.warmup is None else args.warmup
-    steps = shape.steps if args.steps is None else args.steps
-    total = warmup + steps if args.mode == "speed" else args.max_steps
+    shape, warmup, steps, total = C.resolve_run(args)
     task = C.addition_task(shape.digits)
     seed = shape.seed if args.seed is None else args.seed
     records = C.train_records(shape, seed)
