@@ -32,6 +32,9 @@ from torch.utils.checkpoint import checkpoint
 from .backbone import apply_logit_transform, completion_hidden_states, split_backbone_and_head
 
 CHUNK_BYTES = 32 * 2**20  # default size of one chunk's float32 logits
+# ...but never fewer rows than this: at V = 152k, 55-row chunks ran forward+backward 35% slower
+# than 128-row chunks for the same peak memory (benchmarks/RESULTS.md, log-prob memory).
+MIN_CHUNK_ROWS = 128
 CHECKPOINT_MIN_BYTES = 16 * 2**20  # float32 log-probs autograd may keep before we checkpoint
 
 
@@ -58,8 +61,9 @@ def token_logprobs(
         entropy_grad: let gradients flow through the entropy (needed for an entropy bonus);
             False computes it as a detached metric, which keeps it out of backward.
         chunk_tokens: rows of the flattened [B*T, H] states sent through the head at once;
-            None: as many as keep one chunk's float32 logits near CHUNK_BYTES (32 MiB), e.g.
-            about 260 rows for V = 32k, 55 for V = 152k, all rows at once for a character vocabulary.
+            None: as many as keep one chunk's float32 logits near CHUNK_BYTES (32 MiB), at least
+            MIN_CHUNK_ROWS (128): about 260 rows for V = 32k, 128 for V = 152k, all rows at once
+            for a character vocabulary.
 
     Returns:
         logp [B, T] float32 with ``logp[b, t] = log softmax(z_{b,P-1+t} / temperature)[input_ids[b, P+t]]``
@@ -100,7 +104,7 @@ def token_logprobs(
     # vocabulary the recomputation in backward costs more time than the memory is worth.
     vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", None) or 2**20
     if chunk_tokens is None:
-        chunk_tokens = max(1, CHUNK_BYTES // (4 * vocab))
+        chunk_tokens = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))
     kept_logit_bytes = batch * steps * vocab * 4
     use_checkpoint = (
         torch.is_grad_enabled()
