@@ -69,7 +69,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-SHARE_PREFIX_MIN_SAVING = 0.25  # share prompts when it skips at least this fraction of tokens
+LAYOUTS = ("plain", "packed", "kv_cache")
 
 
 def completion_hidden_states(
@@ -78,7 +78,7 @@ def completion_hidden_states(
     attention_mask: torch.Tensor,
     n_completion: int,
     *,
-    share_prefix: bool | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """Hidden states [B, T, H] (decoder dtype) at positions P-1 .. L-2, T = n_completion, P = L - T.
 
@@ -86,31 +86,39 @@ def completion_hidden_states(
     the state that predicts ``input_ids[b, P + t]``. Raises ValueError naming the argument for
     shapes that leave no prompt token (P < 1) or no completion (T < 1).
 
-    share_prefix: run each distinct prompt (prompt ids and mask) once and continue its rows'
-    completions from its KV cache (``shared_prefix_hidden_states``). None (default) decides by
-    the token count: share when that skips at least SHARE_PREFIX_MIN_SAVING of the tokens the
-    plain pass would run, e.g. GRPO groups of G completions of one prompt, or DPO pairs. Both
-    paths give the same states and gradients up to float rounding.
+    layout: how rows that repeat a prompt are run (prefix_sharing.py): "plain" (every row whole),
+    "packed" (each distinct prompt once, its rows' completions packed behind it), "kv_cache"
+    (each distinct prompt once, completions continued from its KV cache), or None (default):
+    the cheapest by a FLOP estimate from the model config. All give the same states and gradients
+    up to float rounding; a shared layout the batch cannot use falls back to "plain".
     """
+    from . import prefix_sharing as sharing
+
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
             "must both be [B, L]"
         )
-    length = input_ids.shape[1]
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: must be one of {LAYOUTS} or None")
+    batch, length = input_ids.shape
     if not 1 <= n_completion <= length - 1:
         raise ValueError(
             f"n_completion={n_completion}: must be in [1, L-1] with L={length} (at least one prompt token)"
         )
     prompt_len = length - n_completion
-    if share_prefix is not False:
-        keys, inverse = distinct_prompts(input_ids, attention_mask, prompt_len)
-        plain_tokens = input_ids.shape[0] * length
-        shared_tokens = keys.shape[0] * prompt_len + input_ids.shape[0] * (n_completion - 1)
-        saving = 1.0 - shared_tokens / plain_tokens
-        if share_prefix or (keys.shape[0] < input_ids.shape[0] and saving >= SHARE_PREFIX_MIN_SAVING):
-            return shared_prefix_hidden_states(decoder, input_ids, attention_mask, n_completion,
-                                               keys, inverse)
+    if layout != "plain":
+        groups = sharing.prompt_groups(input_ids, attention_mask, prompt_len)
+        if layout is None:
+            layout = sharing.choose_layout(decoder.config, groups, batch, length, prompt_len,
+                                           n_completion)
+        elif groups is None or (layout == "packed" and not sharing.supports_packing(decoder.config)):
+            layout = "plain"
+        if layout == "packed":
+            return sharing.packed_hidden_states(decoder, input_ids, n_completion, groups)
+        if layout == "kv_cache":
+            return sharing.kv_cache_hidden_states(decoder, input_ids, attention_mask,
+                                                  n_completion, groups)
     out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -119,61 +127,3 @@ def completion_hidden_states(
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[:, prompt_len - 1 : length - 1, :]
-
-
-def distinct_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct prompt rows: ``keys`` [N, 2P] long (ids then mask of each distinct prompt) and
-    ``inverse`` [B] long, row b's prompt being ``keys[inverse[b]]``."""
-    keys = torch.cat(
-        [input_ids[:, :prompt_len], attention_mask[:, :prompt_len].to(input_ids.dtype)], dim=1
-    )
-    keys, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    return keys, inverse
-
-
-def shared_prefix_hidden_states(
-    decoder: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    keys: torch.Tensor,
-    inverse: torch.Tensor,
-) -> torch.Tensor:
-    """``completion_hidden_states`` computed with each distinct prompt run once.
-
-    Pass 1: the N distinct prompts [N, P] with ``use_cache=True``; the last prompt position's
-    state predicts completion token 0. Pass 2: every row's completion tokens 0 .. T-2 (token T-1
-    predicts nothing) [B, T-1], attending to its prompt's KV cache gathered by ``inverse`` and
-    to its own earlier tokens, with position ids continuing the prompt's. Work: N*P + B*(T-1)
-    tokens instead of B*(P+T). Gradients flow through the gathered cache, so each prompt's
-    states receive the sum over its rows, as in the plain pass.
-    """
-    from transformers import DynamicCache  # only needed here; keeps the module import light
-
-    length = input_ids.shape[1]
-    prompt_len = length - n_completion
-    prompt_ids, prompt_mask = keys[:, :prompt_len], keys[:, prompt_len:]
-    cache = DynamicCache(config=decoder.config)
-    out = decoder(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    first = out.last_hidden_state[:, -1:, :][inverse]  # [B, 1, H], predicts completion token 0
-    if n_completion == 1:
-        return first
-    cache = out.past_key_values
-    cache.batch_select_indices(inverse)
-    positions = position_ids_from_mask(attention_mask)[:, prompt_len : length - 1]
-    rest = decoder(
-        input_ids=input_ids[:, prompt_len : length - 1],
-        attention_mask=attention_mask[:, : length - 1],
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.cat([first, rest.last_hidden_state], dim=1)

@@ -67,29 +67,46 @@ class CallCounter:
         self.shapes.append(tuple(kwargs["input_ids"].shape))
 
 
+def hidden_and_grads(model, ids, mask, n_completion, layout):
+    """Masked hidden states, parameter gradients of a fixed linear function of them, and the
+    decoder calls' input shapes, for one layout."""
+    model.zero_grad()
+    decoder, _ = split_backbone_and_head(model)
+    counter = CallCounter(decoder)
+    hidden = completion_hidden_states(decoder, ids, mask, n_completion, layout=layout)
+    counter.handle.remove()
+    cmask = mask[:, -n_completion:, None].float()
+    weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
+    (hidden * weights * cmask).sum().backward()
+    return hidden.detach() * cmask, param_grads(model), counter.shapes
+
+
 @pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_llama_dir"])
-def test_shared_equals_plain_and_naive_values_and_gradients(fixture, request):
+@pytest.mark.parametrize("layout", ["packed", "kv_cache"])
+def test_shared_layouts_equal_plain_values_and_gradients(fixture, layout, request):
     model, _ = load_policy(request.getfixturevalue(fixture))
     ids, mask = grouped_batch()
-    cmask = mask[:, -COMPLETION_LEN:].float()
-    results = {}
-    for share in (True, False):
-        model.zero_grad()
-        decoder, _ = split_backbone_and_head(model)
-        counter = CallCounter(decoder)
-        hidden = completion_hidden_states(decoder, ids, mask, COMPLETION_LEN, share_prefix=share)
-        counter.handle.remove()
-        weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
-        ((hidden * weights) * cmask.unsqueeze(-1)).sum().backward()
-        results[share] = (hidden.detach() * cmask.unsqueeze(-1), param_grads(model), counter.shapes)
-    shared, plain = results[True], results[False]
-    # Shared: the 3 distinct prompts once, then the completions' first T-1 tokens of all 12 rows.
-    assert shared[2] == [(PROMPTS, PROMPT_LEN), (PROMPTS * GROUP, COMPLETION_LEN - 1)]
+    shared = hidden_and_grads(model, ids, mask, COMPLETION_LEN, layout)
+    plain = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "plain")
     assert plain[2] == [(PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN)]
+    if layout == "kv_cache":  # the 3 prompts once, then the first T-1 completion tokens of all rows
+        assert shared[2] == [(PROMPTS, PROMPT_LEN), (PROMPTS * GROUP, COMPLETION_LEN - 1)]
+    else:  # one row per prompt: its real tokens + its rows' completions without the last token
+        fed = mask[:, PROMPT_LEN:].sum(1) - 1
+        longest = max(int(mask[g * GROUP, :PROMPT_LEN].sum() + fed[g * GROUP:(g + 1) * GROUP].sum())
+                      for g in range(PROMPTS))
+        assert shared[2] == [(PROMPTS, longest)]
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
     assert_grads_close(shared[1], plain[1])
 
-    # The public entry point (auto: 12 rows, 3 prompts -> shared) against full logits.
+
+@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_llama_dir"])
+def test_default_layout_matches_full_logits(fixture, request):
+    """The public entry point (auto layout: 12 rows, 3 prompts, short completions -> packed)
+    against log_softmax over the full logits of ``model(...)``."""
+    model, _ = load_policy(request.getfixturevalue(fixture))
+    ids, mask = grouped_batch()
+    cmask = mask[:, -COMPLETION_LEN:].float()
     model.zero_grad()
     logp, _ = token_logprobs(model, ids, mask, COMPLETION_LEN)
     (logp * cmask).sum().backward()
@@ -101,48 +118,96 @@ def test_shared_equals_plain_and_naive_values_and_gradients(fixture, request):
     assert_grads_close(ours, param_grads(model))
 
 
-def test_single_completion_token_needs_one_prompt_pass(tiny_dir):
+def test_eager_attention_packs_with_an_additive_mask(tiny_dir):
+    model, _ = load_policy(tiny_dir)
+    model.config._attn_implementation = "eager"
+    model.model.config._attn_implementation = "eager"
+    ids, mask = grouped_batch()
+    packed = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "packed")
+    plain = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "plain")
+    assert len(packed[2]) == 1 and packed[2][0][0] == PROMPTS
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(packed[1], plain[1])
+
+
+@pytest.mark.parametrize("layout", ["packed", "kv_cache"])
+def test_single_completion_token(tiny_dir, layout):
     model, _ = load_policy(tiny_dir)
     ids, mask = grouped_batch(completion_len=1)
-    decoder, _ = split_backbone_and_head(model)
-    counter = CallCounter(decoder)
-    with torch.no_grad():
-        shared = completion_hidden_states(decoder, ids, mask, 1, share_prefix=True)
-        plain = completion_hidden_states(decoder, ids, mask, 1, share_prefix=False)
-    counter.handle.remove()
-    assert counter.shapes == [(PROMPTS, PROMPT_LEN), (PROMPTS * GROUP, PROMPT_LEN + 1)]
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    shared = hidden_and_grads(model, ids, mask, 1, layout)
+    plain = hidden_and_grads(model, ids, mask, 1, "plain")
+    assert shared[2] == [(PROMPTS, PROMPT_LEN)]  # the prompts alone: nothing else is fed
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(shared[1], plain[1])
 
 
-def test_auto_shares_only_when_it_saves_work(tiny_dir):
+def test_auto_layout_follows_the_cost(tiny_dir):
     model, _ = load_policy(tiny_dir)
     decoder, _ = split_backbone_and_head(model)
     ids, mask = grouped_batch()
     counter = CallCounter(decoder)
     with torch.no_grad():
-        completion_hidden_states(decoder, ids, mask, COMPLETION_LEN)  # 3 prompts x 4: shared
-        distinct = ids[::GROUP], mask[::GROUP]
-        completion_hidden_states(decoder, *distinct, COMPLETION_LEN)  # no repeated prompt: plain
-        # Repeated prompts but long completions: sharing would skip < 25% of the tokens.
-        long_ids = torch.cat([ids, torch.full((len(ids), 40), 5)], 1)
-        long_mask = torch.cat([mask, torch.ones(len(ids), 40, dtype=torch.long)], 1)
-        completion_hidden_states(decoder, long_ids, long_mask, COMPLETION_LEN + 40)
+        completion_hidden_states(decoder, ids, mask, COMPLETION_LEN)  # repeated, short: packed
+        completion_hidden_states(decoder, ids[::GROUP], mask[::GROUP], COMPLETION_LEN)  # distinct
+        # Repeated prompts but 60 more completion tokens: a packed row would hold 4 x 64 tokens
+        # and sharing the 6 prompt tokens would skip < 10% of the tokens: plain.
+        long_ids = torch.cat([ids, torch.full((len(ids), 60), 5)], 1)
+        long_mask = torch.cat([mask, torch.ones(len(ids), 60, dtype=torch.long)], 1)
+        long_mask[:, PROMPT_LEN:] = 1
+        completion_hidden_states(decoder, long_ids, long_mask, COMPLETION_LEN + 60)
+        # Without a custom-mask attention the cheaper shared layout left is the KV cache.
+        model.model.config._attn_implementation = "flash_attention_2"
+        assert choose(decoder, ids, mask) == "kv_cache"
+        model.model.config._attn_implementation = "sdpa"
+        assert choose(decoder, ids, mask) == "packed"
     counter.handle.remove()
-    assert counter.shapes == [
-        (PROMPTS, PROMPT_LEN), (PROMPTS * GROUP, COMPLETION_LEN - 1),
+    assert counter.shapes[0][0] == PROMPTS  # packed: one row per prompt
+    assert counter.shapes[1:] == [
         (PROMPTS, PROMPT_LEN + COMPLETION_LEN),
-        (PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN + 40),
+        (PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN + 60),
     ]
 
 
-def test_rows_in_any_order_get_their_own_prompt(tiny_dir):
+def choose(decoder, ids, mask):
+    from psirl.models.prefix_sharing import choose_layout, prompt_groups
+
+    groups = prompt_groups(ids, mask, PROMPT_LEN)
+    return choose_layout(decoder.config, groups, ids.shape[0], ids.shape[1], PROMPT_LEN,
+                         COMPLETION_LEN)
+
+
+def test_sliding_window_models_do_not_pack(tiny_dir):
+    from psirl.models.prefix_sharing import supports_packing
+
+    model, _ = load_policy(tiny_dir)
+    config = model.model.config
+    assert supports_packing(config)
+    config.layer_types = ["sliding_attention"] + list(config.layer_types[1:])
+    assert not supports_packing(config)
+
+
+def test_unpadded_layouts_fall_back_to_plain(tiny_dir):
+    """A prompt with a hole in its mask (not left-padded) is run plain even when asked to share."""
+    model, _ = load_policy(tiny_dir)
+    decoder, _ = split_backbone_and_head(model)
+    ids, mask = grouped_batch()
+    mask[:, PROMPT_LEN - 2] = 0  # a hole just before the prompt's last token
+    counter = CallCounter(decoder)
+    with torch.no_grad():
+        completion_hidden_states(decoder, ids, mask, COMPLETION_LEN, layout="packed")
+    counter.handle.remove()
+    assert counter.shapes == [(PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN)]
+
+
+@pytest.mark.parametrize("layout", ["packed", "kv_cache"])
+def test_rows_in_any_order_get_their_own_prompt(tiny_dir, layout):
     model, _ = load_policy(tiny_dir)
     decoder, _ = split_backbone_and_head(model)
     ids, mask = grouped_batch()
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         shared = completion_hidden_states(decoder, ids[perm], mask[perm], COMPLETION_LEN,
-                                          share_prefix=True)
-        plain = completion_hidden_states(decoder, ids, mask, COMPLETION_LEN, share_prefix=False)
+                                          layout=layout)
+        plain = completion_hidden_states(decoder, ids, mask, COMPLETION_LEN, layout="plain")
     cmask = mask[:, -COMPLETION_LEN:, None].float()
     torch.testing.assert_close(shared * cmask[perm], (plain * cmask)[perm], atol=1e-5, rtol=1e-5)
