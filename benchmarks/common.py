@@ -340,6 +340,28 @@ def model_flops_per_sequence(cfg, prompt_len: float, completion_len: float) -> f
     return 5.0 * fwd
 
 
+def shared_prompt_flops_per_step(cfg, prompt_len: float, completion_len: float, batch: int,
+                                 group: int) -> float:
+    """Model FLOPs psirl executes in one GRPO step, running each prompt once per group.
+
+    Same terms as model_flops_per_sequence, but generation prefills each of the batch / group
+    prompts once, and the reference and policy passes run packed rows (one prompt + its group's
+    completions minus their last token, psirl/models/prefix_sharing.py): N*p + B*(c-1) tokens,
+    attention over rows of p + G*(c-1) tokens. Padding is not counted (by either estimate).
+    """
+    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = h // heads
+    n_body = layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * inter)
+    n_prompts = batch / group
+    head = 2 * h * cfg.vocab_size * completion_len * batch
+    gen = (2 * n_body * (n_prompts * prompt_len + batch * completion_len)
+           + 2 * layers * h * batch * (prompt_len + completion_len) ** 2 + head)
+    row = prompt_len + group * max(completion_len - 1, 0)
+    packed = (2 * n_body * n_prompts * row + 2 * layers * h * n_prompts * row**2 + head)
+    return gen + 4.0 * packed  # reference forward + policy forward and backward (2x)
+
+
 def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
     """This machine's fp32 torch.matmul throughput (GFLOP/s) at `THREADS` threads, best of reps."""
     set_threads()

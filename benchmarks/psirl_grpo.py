@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "reward_per_step": [r.get("reward/mean") for r in step_rows],
         "prompt_len": prompt_len,
         "batch": shape.n_prompts * shape.group,
+        "group": shape.group,
         "curve": curve,
         "setup_s": None,
         "train_wall_s": t_end - t_train,

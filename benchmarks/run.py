@@ -98,6 +98,10 @@ def summarise_grpo(raw: dict, model_cfg) -> dict:
         "completion_tokens_per_s": batch * comp_len / median,
         "tokens_per_s": batch * (raw["prompt_len"] + comp_len) / median,
         "model_gflop_per_step": flops / 1e9,
+        # psirl runs each prompt once per group: what it executes is less than the plain count.
+        "executed_gflop_per_step": (C.shared_prompt_flops_per_step(
+            model_cfg, raw["prompt_len"], comp_len, batch, raw["group"]) / 1e9
+            if raw.get("lib") == "psirl" and raw.get("group") else flops / 1e9),
         "peak_rss_mb": raw["peak_rss_mb"],
         "peak_train_rss_mb": raw["peak_train_rss_mb"],
         "rss_after_imports_mb": raw["rss_after_imports_mb"],
@@ -280,6 +284,14 @@ def grpo_table(res: dict, title: str, matmul_gflops: float | None) -> list[str]:
         if all(v and len(v) > 1 for v in rounds.values()):
             lines += ["", "Median s/step of every round: " + "; ".join(
                 f"{k} " + ", ".join(f"{x:.3f}" for x in v) for k, v in rounds.items()) + "."]
+        if p.get("executed_gflop_per_step") is not None and matmul_gflops:
+            executed = p["executed_gflop_per_step"]
+            lines += ["", "Model GFLOP/step counts every sample's prompt and completion in every pass "
+                      "(the same count for both libraries; % of peak = that / s/step / matmul peak). "
+                      "psirl runs each prompt once per group (generation prefill and packed "
+                      f"reference/policy rows), so it executes about {executed:.2f} GFLOP/step, i.e. "
+                      f"{100.0 * executed / p['median_step_s'] / matmul_gflops:.1f} % of the matmul peak "
+                      "in work actually done."]
         if "phase_median_s" in p:
             ph = ", ".join(f"{k} {v:.3f} s" for k, v in p["phase_median_s"].items())
             lines += ["", f"psirl phases (median): {ph}."]

@@ -158,14 +158,12 @@ def packed_hidden_states(
 
     # Where each row's completion segment starts in its packed row: after the prompt and the
     # segments of the earlier rows of the same prompt (stable sort keeps batch order).
-    order = torch.sort(inverse, stable=True).indices
+    sorted_prompt, order = torch.sort(inverse, stable=True)
     fed_sorted = fed[order]
     within = torch.cumsum(fed_sorted, 0) - fed_sorted  # exclusive cumsum over sorted rows
-    group_start = torch.zeros(n_prompts, dtype=torch.long, device=device).index_reduce_(
-        0, inverse[order], within, "amin", include_self=False
-    )
+    first = torch.searchsorted(sorted_prompt, torch.arange(n_prompts, device=device))
     offsets = torch.empty_like(fed)
-    offsets[order] = prompt_lens[inverse[order]] + within - group_start[inverse[order]]
+    offsets[order] = prompt_lens[sorted_prompt] + within - within[first][sorted_prompt]
 
     tokens = torch.full((n_prompts, width), pad_token_id, dtype=input_ids.dtype, device=device)
     positions = torch.zeros((n_prompts, width), dtype=torch.long, device=device)
