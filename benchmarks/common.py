@@ -347,7 +347,8 @@ def shared_prompt_flops_per_step(cfg, prompt_len: float, completion_len: float, 
     Same terms as model_flops_per_sequence, but generation prefills each of the batch / group
     prompts once, and the reference and policy passes run packed rows (one prompt + its group's
     completions minus their last token, psirl/models/prefix_sharing.py): N*p + B*(c-1) tokens,
-    attention over rows of p + G*(c-1) tokens. Padding is not counted (by either estimate).
+    attention over rows of p + G*(c-1) tokens, or plain rows where that is cheaper, as psirl's
+    own layout choice does. Padding is not counted (by either estimate).
     """
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -359,7 +360,10 @@ def shared_prompt_flops_per_step(cfg, prompt_len: float, completion_len: float, 
            + 2 * layers * h * batch * (prompt_len + completion_len) ** 2 + head)
     row = prompt_len + group * max(completion_len - 1, 0)
     packed = (2 * n_body * n_prompts * row + 2 * layers * h * n_prompts * row**2 + head)
-    return gen + 4.0 * packed  # reference forward + policy forward and backward (2x)
+    length = prompt_len + completion_len
+    plain = 2 * n_body * batch * length + 2 * layers * h * batch * length**2 + head
+    # psirl's cost model packs only when that is cheaper (long completions stay plain).
+    return gen + 4.0 * min(packed, plain)  # reference forward + policy forward and backward (2x)
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20) -> float:

@@ -288,8 +288,9 @@ def grpo_table(res: dict, title: str, matmul_gflops: float | None) -> list[str]:
             executed = p["executed_gflop_per_step"]
             lines += ["", "Model GFLOP/step counts every sample's prompt and completion in every pass "
                       "(the same count for both libraries; % of peak = that / s/step / matmul peak). "
-                      "psirl runs each prompt once per group (generation prefill and packed "
-                      f"reference/policy rows), so it executes about {executed:.2f} GFLOP/step, i.e. "
+                      "psirl runs each prompt once per group (generation prefill, and packed "
+                      "reference/policy rows where its cost model finds them cheaper), so it "
+                      f"executes about {executed:.2f} GFLOP/step, i.e. "
                       f"{100.0 * executed / p['median_step_s'] / matmul_gflops:.1f} % of the matmul peak "
                       "in work actually done."]
         if "phase_median_s" in p:

@@ -7,7 +7,8 @@ gradient; 004_0ae34f1505be1cc8.txt, REINFORCE / PPO / GRPO objectives). With a v
 ([B, L, V] float32, plus as much again for the log-softmax and its gradient). Here the decoder
 runs once to give hidden states, only the T completion-predicting positions are kept, and the
 head + log-softmax run over chunks of ``chunk_tokens`` rows of the flattened [B*T, H] states, so
-the biggest vocabulary-sized tensor is [chunk_tokens, V].
+the biggest vocabulary-sized tensor is [chunk_tokens, V]. Rows that repeat a prompt (GRPO groups,
+DPO pairs) run it once (``completion_hidden_states`` picks the layout, prefix_sharing.py).
 
 Autograd. With gradients enabled each chunk runs under ``torch.utils.checkpoint`` (non-reentrant):
 the forward keeps only the chunk's [n, H] hidden states, and the backward recomputes that chunk's
