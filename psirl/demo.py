@@ -1,6 +1,7 @@
 """`psirl demo`: the main job on the built-in task, end to end on a CPU.
 
-1. build a tiny character-level Qwen2 model (about 0.4M parameters) in the run folder;
+1. build a small character-level Qwen2 model (4 layers, hidden 256, about 3.2M parameters) in the
+   run folder;
 2. SFT it on 2-digit addition just enough for partial accuracy;
 3. run GRPO from the SFT checkpoint with the verifier reward (1 if the sum is right);
 4. print held-out accuracy (sampled and greedy) before and after RL, and the reports' paths.
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-TINY = {"arch": "qwen2", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384}
+DEMO_STAGES = ("sft", "grpo", "grpo_shuffled")
+TINY = {"arch": "qwen2", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 768}
 
 
 def demo_configs(output_dir: Path, *, quick: bool = False, seed: int = 0):
@@ -31,7 +33,7 @@ def demo_configs(output_dir: Path, *, quick: bool = False, seed: int = 0):
         "device": "cpu",
         "model": {"tiny": TINY},
         "data": {"task": "addition", "task_kwargs": {"digits": 2}, "n_train": 20000},
-        "optim": {"lr": 2e-3, "batch_size": 64, "warmup_steps": 20, "schedule": "constant",
+        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 20, "schedule": "constant",
                   "weight_decay": 0.0, "grad_clip": 1.0},
         "eval": {"every": 0, "n": 200, "max_new_tokens": 4},
         "checkpoint": {"every": 0},
@@ -40,11 +42,11 @@ def demo_configs(output_dir: Path, *, quick: bool = False, seed: int = 0):
         "loop": "online",
         "output_dir": str(out / "grpo"),
         "seed": seed,
-        "max_steps": 6 if quick else 500,
+        "max_steps": 6 if quick else 300,
         "device": "cpu",
         "model": {"path": str(out / "sft" / "final")},
         "data": {"task": "addition", "task_kwargs": {"digits": 2}, "n_train": 20000},
-        "optim": {"lr": 3e-4, "batch_size": 32, "grad_clip": 1.0},
+        "optim": {"lr": 5e-5, "batch_size": 16, "grad_clip": 1.0},
         "algorithm": {"preset": "grpo", "knobs": {"sampling": {"group_size": 8, "max_new_tokens": 4}}},
         "eval": {"every": 3 if quick else 25, "n": 200, "greedy": True, "sampled": True,
                  "max_new_tokens": 4},
@@ -68,19 +70,21 @@ def _accuracies(run_dir: Path) -> dict:
 
 
 def run_demo(output_dir: Path, *, quick: bool = False, control: bool = True, seed: int = 0) -> dict:
-    """Run SFT, GRPO, and (with `control`) GRPO on shuffled rewards; print and return accuracies."""
-    import os
+    """Run SFT, GRPO, and (with `control`) GRPO on shuffled rewards; print and return accuracies.
 
-    import torch
+    The demo owns ``output_dir/{sft,grpo,grpo_shuffled}``: a previous demo's folders there are
+    replaced, so ``make demo`` can be run again (anything else in ``output_dir`` is left alone).
+    """
+    import shutil
 
     from psirl.train import run_config
     from psirl.train.config import config_from_dict, config_to_dict
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Matrices this small gain nothing from a second thread, and two threads per process
-        # slow to a crawl when anything else shares the cores.
-        torch.set_num_threads(1)
     console = Console()
+    for stage in DEMO_STAGES:
+        if (Path(output_dir) / stage).exists():
+            console.print(f"replacing the previous demo run in {Path(output_dir) / stage}")
+            shutil.rmtree(Path(output_dir) / stage)
     sft_cfg, grpo_cfg = demo_configs(output_dir, quick=quick, seed=seed)
     stages = 3 if control else 2
     console.rule(f"[bold]1/{stages}  SFT on 2-digit addition")

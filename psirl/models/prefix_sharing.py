@@ -209,7 +209,9 @@ def packed_hidden_states(
     in_segment = (t >= 1) & (t <= fed.unsqueeze(1))
     index = torch.where(in_segment, inverse.unsqueeze(1) * width + offsets.unsqueeze(1) + t - 1,
                         last_prompt)
-    return flat[index.reshape(-1)].view(batch, n_completion, hidden.shape[-1])
+    # index_select, not flat[index]: the latter's backward (index_put_ with accumulate) adds with
+    # atomics on CPU, so repeated runs differed in the last bits; index_add_ is deterministic.
+    return flat.index_select(0, index.reshape(-1)).view(batch, n_completion, hidden.shape[-1])
 
 
 def kv_cache_hidden_states(
@@ -242,11 +244,11 @@ def kv_cache_hidden_states(
         past_key_values=cache,
         use_cache=True,
     )
-    first = out.last_hidden_state[:, -1:, :][groups.inverse]  # [B, 1, H]
+    first = out.last_hidden_state[:, -1:, :].index_select(0, groups.inverse)  # [B, 1, H]
     if n_completion == 1:
         return first
     cache = out.past_key_values
-    cache.batch_select_indices(groups.inverse)
+    _gather_cache_rows(cache, groups.inverse)
     rest = decoder(
         input_ids=input_ids[:, prompt_len : length - 1],
         attention_mask=attention_mask[:, : length - 1],
@@ -255,3 +257,19 @@ def kv_cache_hidden_states(
         use_cache=True,
     )
     return torch.cat([first, rest.last_hidden_state], dim=1)
+
+
+def _gather_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Give row b of the cache the prompt rows[b]'s keys and values, in place.
+
+    ``index_select`` per layer where the cache exposes its layers (transformers 5), because its
+    backward (index_add_) is deterministic on CPU, unlike the advanced indexing of
+    ``DynamicCache.batch_select_indices`` (index_put_ with atomic adds)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        cache.batch_select_indices(rows)
+        return
+    for layer in layers:
+        if layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
