@@ -69,6 +69,23 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prefill_prompts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs):
+    """Run left-padded prompts [N, P] into a fresh ``DynamicCache``; returns the model's output,
+    whose ``past_key_values`` holds the prompts' keys and values. Used by the sampler (prefill
+    once per distinct prompt) and by the KV-cache layout of ``completion_hidden_states``.
+    ``kwargs`` go to the model (e.g. ``logits_to_keep=1``)."""
+    from transformers import DynamicCache  # only needed here; keeps the module import light
+
+    return model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        past_key_values=DynamicCache(config=model.config),
+        use_cache=True,
+        **kwargs,
+    )
+
+
 LAYOUTS = ("plain", "packed", "kv_cache")
 
 

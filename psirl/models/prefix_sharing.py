@@ -229,21 +229,11 @@ def kv_cache_hidden_states(
     with position ids continuing the prompt's. Gradients flow through the gathered cache, so each
     prompt's states receive the sum over its rows, as in the plain pass.
     """
-    from transformers import DynamicCache  # only needed here; keeps the module import light
-
-    from .backbone import position_ids_from_mask
+    from .backbone import position_ids_from_mask, prefill_prompts
 
     length = input_ids.shape[1]
     prompt_len = length - n_completion
-    prompt_ids, prompt_mask = groups.keys[:, :prompt_len], groups.keys[:, prompt_len:]
-    cache = DynamicCache(config=decoder.config)
-    out = decoder(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    out = prefill_prompts(decoder, groups.keys[:, :prompt_len], groups.keys[:, prompt_len:])
     first = out.last_hidden_state[:, -1:, :].index_select(0, groups.inverse)  # [B, 1, H]
     if n_completion == 1:
         return first

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
-from ..models.backbone import position_ids_from_mask, unwrap_peft
+from ..models.backbone import prefill_prompts, unwrap_peft
 from .batch import RolloutBatch, SamplingParams
 
 
@@ -132,15 +131,7 @@ class HFEngine:
         generator.manual_seed(seed)
 
         # Prefill each distinct prompt once, then give every sample of the group its own copy.
-        cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=ids_p,
-            attention_mask=mask_p,
-            position_ids=position_ids_from_mask(mask_p),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill_prompts(model, ids_p, mask_p, logits_to_keep=1)
         logits = out.logits[:, -1, :]
         cache = out.past_key_values
         if n > 1:
