@@ -2,8 +2,8 @@
 
 Batches use the layout shared with RL (prompt left-padded, completion right-padded) so the same
 `token_logprobs` serves every loop; each step's examples are sorted by length before they are cut
-into micro-batches, which keeps padding low without packing (packing across examples would need
-attention masks the CPU SDPA path does not take for these models).
+into micro-batches, which keeps padding low. Examples that repeat a prompt run it once
+(models/prefix_sharing.py); distinct examples are not packed into shared rows.
 """
 
 from __future__ import annotations
