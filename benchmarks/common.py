@@ -329,15 +329,19 @@ def model_flops_per_sequence(cfg, prompt_len: float, completion_len: float) -> f
     on the completion positions only). Generation ~ one forward, the reference one, the policy's
     forward + backward three: 5 forwards in all. Embedding lookups and norms are not counted.
     """
-    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = h // heads
-    attn_proj = h * h + 2 * h * kv * head_dim + h * h  # q, k, v, o
-    mlp = 3 * h * inter
-    n_body = layers * (attn_proj + mlp)
+    n_body = body_parameters(cfg)
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
     length = prompt_len + completion_len
     fwd = 2 * n_body * length + 2 * layers * h * length**2 + 2 * h * cfg.vocab_size * completion_len
     return 5.0 * fwd
+
+
+def body_parameters(cfg) -> int:
+    """Weights of the transformer body's matmuls: per layer q, k, v, o and the gated MLP."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = h // cfg.num_attention_heads
+    attn_proj = h * h + 2 * h * cfg.num_key_value_heads * head_dim + h * h  # q, k, v, o
+    return cfg.num_hidden_layers * (attn_proj + 3 * h * inter)
 
 
 def shared_prompt_flops_per_step(cfg, prompt_len: float, completion_len: float, batch: int,
@@ -350,10 +354,8 @@ def shared_prompt_flops_per_step(cfg, prompt_len: float, completion_len: float, 
     attention over rows of p + G*(c-1) tokens, or plain rows where that is cheaper, as psirl's
     own layout choice does. Padding is not counted (by either estimate).
     """
-    h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = h // heads
-    n_body = layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * inter)
+    n_body = body_parameters(cfg)
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
     n_prompts = batch / group
     head = 2 * h * cfg.vocab_size * completion_len * batch
     gen = (2 * n_body * (n_prompts * prompt_len + batch * completion_len)

@@ -16,9 +16,9 @@ A GRPO batch holds G completions of every prompt. The plain pass runs the decode
 The choice is a FLOP estimate per decoder layer: tokens x (linear FLOPs per token) +
 sum over rows of (query length x key length) x (attention FLOPs per query-key pair), from the
 model config, with ``kv_cache`` charged KV_CACHE_OVERHEAD for its second call and cache gather.
-A shared layout must beat the plain one by SHARED_MIN_GAIN (it costs an index build). Short completions of a repeated prompt pack;
-long completions stay plain (a packed row would be G completions long, and attention grows with
-its square). Measured on the GRPO benchmark's tiny model (8 prompts x 8 samples, ~6 prompt and
+A shared layout must beat the plain one by SHARED_MIN_GAIN (it costs an index build). Short
+completions of a repeated prompt pack; long completions stay plain (a packed row would be G
+completions long, and attention grows with its square). Measured on the GRPO benchmark's tiny model (8 prompts x 8 samples, ~6 prompt and
 ~4 completion tokens, 2 CPU threads): policy forward + backward 71 ms plain, 44 ms kv_cache,
 29 ms packed.
 
