@@ -375,6 +375,7 @@ def run_loop(
         stop_requested["flag"] = True
 
     previous = signal.signal(signal.SIGTERM, _on_term) if _in_main_thread() else None
+    last_done = start  # the last step completed (and logged) in this process
     try:
         if start == 0 and spec.evaluate is not None and eval_every > 0:
             logger.log(0, spec.evaluate(0))
@@ -407,6 +408,7 @@ def run_loop(
                         save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last,
                                         **per_rank)
                     barrier()
+                last_done = done
                 if stopping:
                     break
     finally:
@@ -414,7 +416,8 @@ def run_loop(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    if not stop_requested["flag"] and main:
+    # Finished = every step done, even if a SIGTERM arrived during the last one.
+    if last_done == config.max_steps and main:
         final = run_dir / FINAL_DIR
         spec.models["policy"].save_pretrained(final, safe_serialization=True)
         if spec.tokenizer is not None:

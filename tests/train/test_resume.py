@@ -269,6 +269,26 @@ def test_sigterm_checkpoints_at_the_next_step_boundary_and_resumes_exactly(
     assert_same_run(reference, run)
 
 
+def test_sigterm_during_the_last_step_still_finishes_the_run(
+    config_file, reference, tmp_path, monkeypatch
+):
+    """The stop lands on the last step boundary: the run is complete, so final/ and the report
+    are written as in an uninterrupted run (and the checkpoint of that step is kept)."""
+    real_generator = base.step_generator
+
+    def step_generator(seed, step, stream=0):
+        if step == MAX_STEPS - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_generator(seed, step, stream)
+
+    monkeypatch.setattr(base, "step_generator", step_generator)
+    run = run_in_process(config_file, tmp_path / "run")
+    monkeypatch.undo()
+    assert (run / FINAL_DIR / "model.safetensors").exists() and (run / "report.html").exists()
+    assert list_checkpoints(run)[-1].name == f"step-{MAX_STEPS:08d}"
+    assert_same_run(reference, run)
+
+
 def test_checkpoint_round_trip_restores_weights_optimiser_rng_and_loop_state(tmp_path):
     """save_checkpoint / load_checkpoint alone: everything the next step depends on comes back,
     and trainer_state.pt holds tensors and plain values only (loads with weights_only=True)."""
