@@ -41,6 +41,13 @@ from psirl.train.base import (
     run_loop,
     split_microbatches,
 )
+from psirl.train.distributed import (
+    all_gather_rows,
+    all_reduce_gradients,
+    all_reduce_sum,
+    shard_indices,
+    world,
+)
 from psirl.train.setup import build_policy, build_task, pad_prompt_completion
 
 SUMMARY_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "eval/rewards/accuracy",
@@ -116,19 +123,35 @@ def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     return loss, rw, rl
 
 
+def rank_share(idx: list[int]) -> list[int]:
+    """This data-parallel rank's contiguous share of the step's indices (all of them with one
+    process): gathering the ranks' results in rank order restores the step's order."""
+    rank, world_size = world()
+    return [idx[i] for i in shard_indices(len(idx), rank, world_size)]
+
+
+def gathered(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The step's values [n] from this rank's parts: concatenated, then every rank's, in order."""
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(all_gather_rows(local.detach().float()))
+
+
 def pair_update(model, ref_model, params, optimizer, scheduler, pairs, idx: list[int], *,
                 pcfg, optim, pad_id: int) -> dict[str, float]:
     """One optimiser step on pairs[idx] (pairs: {"prompt","chosen","rejected"} id lists).
 
     Loss = sum_i L_i / m over the step's m pairs, accumulated over `optim.grad_accum`
     micro-batches. With m = 0 the optimiser and scheduler still step (no change).
+    Data-parallel: each rank takes its contiguous share of idx, divides by the global m and the
+    gradients are summed over ranks, so the update is the single-process one.
     Metrics: loss, grad_norm, pairs, rewards/* (before the update), logps/chosen, logps/rejected
-    (mean sequence log-prob sums under the policy).
+    (mean sequence log-prob sums under the policy), all over the whole step.
     """
-    m = len(idx)
+    mine = rank_share(idx)
+    m = int(all_reduce_sum(float(len(mine))))
     total, rewards_w, rewards_l, logps_w, logps_l = 0.0, [], [], [], []
-    for mb in split_microbatches(m, optim.grad_accum) if m else []:
-        sel = idx[mb]
+    for mb in split_microbatches(len(mine), optim.grad_accum) if mine else []:
+        sel = mine[mb]
         prompts = [pairs["prompt"][i] for i in sel]
         chosen = [pairs["chosen"][i] for i in sel]
         rejected = [pairs["rejected"][i] for i in sel]
@@ -145,12 +168,15 @@ def pair_update(model, ref_model, params, optimizer, scheduler, pairs, idx: list
         rewards_l.append(rl)
         logps_w.append(pol_w.detach())
         logps_l.append(pol_l.detach())
+    all_reduce_gradients(params)
     grad_norm = clip_and_step(params, optimizer, scheduler, optim.grad_clip)
-    metrics = {"loss": total, "grad_norm": grad_norm, "pairs": float(m)}
+    metrics = {"loss": all_reduce_sum(total), "grad_norm": grad_norm, "pairs": float(m)}
+    rewards_w, rewards_l = gathered(rewards_w), gathered(rewards_l)
+    logps_w, logps_l = gathered(logps_w), gathered(logps_l)
     if m:
-        metrics.update(preference_metrics(torch.cat(rewards_w), torch.cat(rewards_l)))
-        metrics["logps/chosen"] = float(torch.cat(logps_w).mean())
-        metrics["logps/rejected"] = float(torch.cat(logps_l).mean())
+        metrics.update(preference_metrics(rewards_w, rewards_l))
+        metrics["logps/chosen"] = float(logps_w.mean())
+        metrics["logps/rejected"] = float(logps_l.mean())
     return metrics
 
 
@@ -164,17 +190,20 @@ def kto_update(model, ref_model, params, optimizer, scheduler, samples, idx: lis
     """
     n = len(idx)
     shifted = idx[1:] + idx[:1]
+    # Data-parallel: this rank's share of the step; z0 still comes from every mismatched pair.
+    positions = rank_share(list(range(n)))
+    mine, mine_shifted = [idx[i] for i in positions], [shifted[i] for i in positions]
     mism_p, mism_r = [], []
     with torch.no_grad():
-        for mb in split_microbatches(n, optim.grad_accum):
-            prompts = [samples["prompt"][i] for i in idx[mb]]
-            wrong = [samples["completion"][i] for i in shifted[mb]]
+        for mb in split_microbatches(len(mine), optim.grad_accum) if mine else []:
+            prompts = [samples["prompt"][i] for i in mine[mb]]
+            wrong = [samples["completion"][i] for i in mine_shifted[mb]]
             mism_p.append(sequence_logps(model, prompts, wrong, pad_id)[0])
             mism_r.append(sequence_logps(ref_model, prompts, wrong, pad_id)[0])
-    z0 = kto_reference_point(torch.cat(mism_p), torch.cat(mism_r))
+    z0 = kto_reference_point(gathered(mism_p), gathered(mism_r))
     total, rewards, labels = 0.0, [], []
-    for mb in split_microbatches(n, optim.grad_accum):
-        sel = idx[mb]
+    for mb in split_microbatches(len(mine), optim.grad_accum) if mine else []:
+        sel = mine[mb]
         prompts = [samples["prompt"][i] for i in sel]
         completions = [samples["completion"][i] for i in sel]
         desirable = torch.tensor([samples["label"][i] for i in sel], device=z0.device)
@@ -187,10 +216,11 @@ def kto_update(model, ref_model, params, optimizer, scheduler, samples, idx: lis
         loss.backward()
         total += float(loss.detach())
         rewards.append(implicit_rewards(pol, ref, beta=pcfg.beta))
-        labels.append(desirable)
+        labels.append(desirable.float())
+    all_reduce_gradients(params)
     grad_norm = clip_and_step(params, optimizer, scheduler, optim.grad_clip)
-    r, lab = torch.cat(rewards), torch.cat(labels)
-    metrics = {"loss": total, "grad_norm": grad_norm, "kto/z0": float(z0)}
+    r, lab = gathered(rewards), gathered(labels) > 0.5
+    metrics = {"loss": all_reduce_sum(total), "grad_norm": grad_norm, "kto/z0": float(z0)}
     if bool(lab.any()):
         metrics["rewards/desirable"] = float(r[lab].mean())
     if bool((~lab).any()):
@@ -301,8 +331,11 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
                                     greedy=config.eval.greedy, sampled=config.eval.sampled))
         return out
 
+    # Offline updates shard each step's pairs over data-parallel ranks; online DPO samples in
+    # one process only.
     return LoopSpec(models=models, tokenizer=tokenizer, optimizers={"policy": optimizer},
-                    schedulers={"policy": scheduler}, step=step, evaluate=evaluate)
+                    schedulers={"policy": scheduler}, step=step, evaluate=evaluate,
+                    data_parallel=not pcfg.online)
 
 
 def _online_data(config, model, tokenizer, task, reward_fn):

@@ -6,7 +6,7 @@ Part 1 (gradients): on the batch in DATA.pt, this rank backpropagates its shard 
 normaliser and all-reduces the gradients, for the SFT update and for policy_loss in every
 aggregation mode; it also runs the batch-level advantage estimators and reduce_metrics. Part 2
 (end to end): `psirl train CFG.yaml` through the CLI, resumed, and run again uninterrupted;
-then the SFT loop from sft.yaml beside CFG.yaml.
+then the SFT loop from sft.yaml and the preference loop from dpo.yaml and kto.yaml beside CFG.yaml.
 Each rank writes OUT/rank{r}.pt; the test compares them with single-process results computed in
 the test process.
 """
@@ -139,6 +139,10 @@ def online_part(cfg_path: str, out_dir: Path) -> dict:
     out["digests_uninterrupted"] = D.gather_objects(digest())
     # SFT: 2 steps of 6 examples, 3 per rank, a tiny model that rank 0 builds in the run folder.
     app(["train", str(Path(cfg_path).with_name("sft.yaml")), "--quiet"], standalone_mode=False)
+    # Offline preference (DPO, then KTO on the same pairs): each step's pairs shared by the ranks.
+    for name in ("dpo", "kto"):
+        app(["train", str(Path(cfg_path).with_name(f"{name}.yaml")), "--quiet"],
+            standalone_mode=False)
     return out
 
 

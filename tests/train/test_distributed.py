@@ -8,6 +8,7 @@ computed here, in one process, from the plain full-batch losses.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -90,6 +91,21 @@ def _sft_config(output_dir: Path) -> dict:
             "checkpoint": {"every": 0}}
 
 
+# Chosen / rejected completions for prompts "a+b=": the right sum vs a wrong one.
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str((a + b + 3) % 10)}
+         for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (0, 7), (4, 4), (6, 2), (1, 1)]]
+
+
+def _preference_config(loss: str, output_dir: Path, tiny_dir: Path, pairs: Path) -> dict:
+    return {"loop": "preference", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
+            "device": "cpu", "model": {"path": str(tiny_dir)},
+            "data": {"train_path": str(pairs)},
+            # eps: see _sft_config. 6 pairs a step, 3 per rank, in 2 micro-batches each.
+            "optim": {"lr": 1e-2, "eps": 1e-4, "batch_size": 6, "grad_accum": 2},
+            "preference": {"loss": loss, "beta": 0.5},
+            "checkpoint": {"every": 0}}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Launch the 2-rank worker once; return (data, tiny_dir, run_dir, [rank0, rank1] results)."""
@@ -112,6 +128,11 @@ def two_ranks(tmp_path_factory):
     }
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft_2ranks")))
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    for loss in ("dpo", "kto"):
+        (root / f"{loss}.yaml").write_text(yaml.safe_dump(
+            _preference_config(loss, root / f"{loss}_2ranks", tiny_dir, pairs)))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -239,6 +260,36 @@ def test_two_rank_sft_run_matches_one_process(two_ranks, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
     assert any(not torch.equal(want[k], load_file(str(one_dir / "init_model" / "model.safetensors"))[k])
                for k in want)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_two_rank_preference_run_matches_one_process(two_ranks, tmp_path, loss):
+    """Each rank takes 3 of the step's 6 pairs (KTO: its reference point z0 still comes from all
+    6 mismatched pairs); metrics and the weights after 2 AdamW steps equal one process's."""
+    _, tiny_dir, run_dir, _ = two_ranks
+    dp_dir = run_dir.with_name(f"{loss}_2ranks")
+    cfg = _preference_config(loss, tmp_path / "one", tiny_dir, run_dir.with_name("pairs.jsonl"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_dir = run_config(config_from_dict(cfg), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    dp, one = read_metrics(dp_dir), read_metrics(one_dir)
+    assert [r["step"] for r in dp] == [1, 2]
+    for a, b in zip(dp, one, strict=True):
+        keys = ("loss", "kto/z0", "rewards/desirable") if loss == "kto" else (
+            "loss", "rewards/margin", "rewards/accuracy", "logps/chosen")
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        if loss == "dpo":
+            assert a["pairs"] == b["pairs"] == 6.0
+    got = load_file(str(dp_dir / "final" / "model.safetensors"))
+    want = load_file(str(one_dir / "final" / "model.safetensors"))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    initial = load_file(str(tiny_dir / "model.safetensors"))
+    assert any(not torch.equal(want[k], initial[k]) for k in want)
 
 
 def test_helpers_are_identities_with_one_process():
