@@ -45,6 +45,12 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- sections
 
 
+def _step_worker_args(shape: C.Shape, ckpt, steps: int | None) -> list[str]:
+    """Command-line arguments of a step-timing worker run (either library)."""
+    args = ["--shape", shape.name, "--ckpt", str(ckpt), "--gen-bench"]
+    return args + ["--steps", str(steps)] if steps is not None else args
+
+
 def grpo_section(shape: C.Shape, libs: list[str], steps: int | None, repeats: int = 1) -> dict:
     """Both libraries on one shape, `repeats` rounds alternating the libraries; per library the
     round with the median of the round medians is kept (all rounds' medians are listed), so
@@ -56,11 +62,8 @@ def grpo_section(shape: C.Shape, libs: list[str], steps: int | None, repeats: in
     runs: dict[str, list[dict]] = {lib: [] for lib in libs}
     for round_ in range(repeats):
         for lib in libs:
-            args = ["--shape", shape.name, "--ckpt", str(ckpt), "--gen-bench"]
-            if steps is not None:
-                args += ["--steps", str(steps)]
             log(f"grpo[{shape.name}] {lib} (round {round_ + 1}/{repeats}) ...")
-            raw = C.run_worker(LIBS[lib], args)
+            raw = C.run_worker(LIBS[lib], _step_worker_args(shape, ckpt, steps))
             summary = summarise_grpo(raw, model_cfg)
             runs[lib].append(summary)
             log(f"grpo[{shape.name}] {lib}: " + (raw.get("error") or
@@ -224,11 +227,8 @@ def gpu_section(libs: list[str], steps: int | None) -> dict:
     model_cfg = AutoConfig.from_pretrained(ckpt)
     out = {"gpu": torch.cuda.get_device_name(0), "shape": shape.name}
     for lib in libs:
-        args = ["--shape", shape.name, "--ckpt", str(ckpt), "--gen-bench"]
-        if steps is not None:
-            args += ["--steps", str(steps)]
         log(f"gpu {lib} ...")
-        raw = C.run_worker(LIBS[lib], args)
+        raw = C.run_worker(LIBS[lib], _step_worker_args(shape, ckpt, steps))
         # matmul peak is a CPU number; on GPU report s/step and tokens/s only
         out[lib] = summarise_grpo(raw, model_cfg)
     return out
