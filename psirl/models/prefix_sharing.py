@@ -5,11 +5,12 @@ A GRPO batch holds G completions of every prompt. The plain pass runs the decode
 ``choose_layout`` for the cheapest of three layouts that give the same hidden states:
 
 * ``plain``: [B, P + T], one row per sample.
-* ``packed``: one row per distinct prompt: its real prompt tokens, then each of its samples'
+* ``packed``: one block per distinct prompt: its real prompt tokens, then each of its samples'
   completion tokens 0 .. l-2 back to back, with a 4D attention mask in which a completion token
-  sees the prompt and the earlier tokens of its own completion only, and position ids that
-  continue the prompt's. No prompt is repeated and no completion padding is run. Needs an
-  attention that takes a custom 4D mask (sdpa, eager) and no sliding window.
+  sees its block's prompt and the earlier tokens of its own completion only, and position ids
+  that continue the prompt's. Blocks are laid into rows (``pack_rows``: one or several per row,
+  whichever the cost estimate prefers). No prompt is repeated and no completion padding is run.
+  Needs an attention that takes a custom 4D mask (sdpa, eager) and no sliding window.
 * ``kv_cache``: the distinct prompts [N, P] with ``use_cache=True``, then every row's completion
   tokens [B, T - 1] continued from its prompt's KV cache. Works with any cache-capable decoder.
 
@@ -18,9 +19,9 @@ sum over rows of (query length x key length) x (attention FLOPs per query-key pa
 model config, with ``kv_cache`` charged KV_CACHE_OVERHEAD for its second call and cache gather.
 A shared layout must beat the plain one by SHARED_MIN_GAIN (it costs an index build). Short
 completions of a repeated prompt pack; long completions stay plain (a packed row would be G
-completions long, and attention grows with its square). Measured on the GRPO benchmark's tiny model (8 prompts x 8 samples, ~6 prompt and
-~4 completion tokens, 2 CPU threads): policy forward + backward 71 ms plain, 44 ms kv_cache,
-29 ms packed.
+completions long, and attention grows with its square). Measured on the GRPO benchmark's tiny
+model (8 prompts x 8 samples, ~6 prompt and ~4 completion tokens, 2 CPU threads): policy
+forward + backward 71 ms plain, 44 ms kv_cache, 29 ms packed one block per row.
 
 All layouts give the plain pass's hidden states and gradients up to float rounding
 (tests/models/test_models_shared_prefix.py).
@@ -28,6 +29,7 @@ All layouts give the plain pass's hidden states and gradients up to float roundi
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -118,18 +120,76 @@ def choose_layout(
         + batch * fed * (linear + (prompt_len + fed) * attention)
     )
     if supports_packing(config):
-        packed_len = int(packed_row_lengths(groups).max())
-        costs["packed"] = n_prompts * packed_len * (linear + packed_len * attention)
+        costs["packed"] = pack_rows(groups, linear, attention).cost
     best = min(costs, key=costs.get)
     return best if costs[best] < SHARED_MIN_GAIN * costs["plain"] else "plain"
 
 
-def packed_row_lengths(groups: PromptGroups) -> torch.Tensor:
-    """[N] tokens of each packed row: its prompt plus its rows' fed completion tokens."""
+def packed_group_lengths(groups: PromptGroups) -> torch.Tensor:
+    """[N] tokens each distinct prompt brings to a packed row: its real prompt tokens plus its
+    rows' fed completion tokens."""
     fed_per_prompt = torch.zeros_like(groups.prompt_lens).index_add_(
         0, groups.inverse, groups.fed_lens
     )
     return groups.prompt_lens + fed_per_prompt
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each distinct prompt's block goes in the packed [rows, width] batch.
+
+    row, start: [N] long, prompt k's block occupies columns start[k] .. start[k] + len_k - 1 of
+    packed row row[k]; cost: the FLOP estimate rows x width x (linear + width x attention).
+    """
+
+    row: torch.Tensor
+    start: torch.Tensor
+    rows: int
+    width: int
+    cost: float
+
+
+MAX_BLOCKS_PER_ROW = 8  # widest packing tried: rows about 8 x the longest block
+
+
+def pack_rows(groups: PromptGroups, linear: float, attention: float,
+              n_rows: int | None = None) -> PackPlan:
+    """The cheapest packing of the prompt blocks into rows, by the FLOP estimate (or the LPT
+    packing into exactly ``n_rows`` rows, 1 <= n_rows <= N, when given).
+
+    One block per row pads every row to the longest block (GRPO groups differ in total completion
+    length); several blocks per row cut that padding but attention grows with the row's square.
+    Tried: for R rows with R = N (one block each) and R = ceil(total / (m x longest)),
+    m = 1 .. MAX_BLOCKS_PER_ROW, blocks are placed longest first, each into the row that is
+    shortest so far (LPT). Measured on the GRPO benchmark's tiny batch (8 blocks of ~26 tokens):
+    policy forward + backward 27.1 ms as [8, 30] against 24.5 ms as [4, 52].
+    """
+    lengths = packed_group_lengths(groups).tolist()
+    n_blocks, total, longest = len(lengths), sum(lengths), max(lengths)
+    order = sorted(range(n_blocks), key=lambda k: -lengths[k])
+    candidates = {n_blocks} | {
+        max(1, -(-total // (m * longest))) for m in range(1, MAX_BLOCKS_PER_ROW + 1)
+    }
+    if n_rows is not None:
+        if not 1 <= n_rows <= n_blocks:
+            raise ValueError(f"n_rows={n_rows}: must be in [1, {n_blocks}] (one block per prompt)")
+        candidates = {n_rows}
+    best = None
+    for rows in sorted(candidates, reverse=True):
+        loads = [(0, r) for r in range(rows)]  # (tokens so far, row): a min-heap
+        row, start = [0] * n_blocks, [0] * n_blocks
+        for k in order:
+            load, r = heapq.heappop(loads)
+            row[k], start[k] = r, load
+            heapq.heappush(loads, (load + lengths[k], r))
+        width = max(load for load, _ in loads)
+        cost = float(rows * width * (linear + width * attention))
+        if best is None or cost < best[0]:
+            best = (cost, row, start, rows, width)
+    cost, row, start, rows, width = best
+    device = groups.inverse.device
+    return PackPlan(row=torch.tensor(row, device=device), start=torch.tensor(start, device=device),
+                    rows=rows, width=width, cost=cost)
 
 
 def packed_hidden_states(
@@ -138,61 +198,75 @@ def packed_hidden_states(
     n_completion: int,
     groups: PromptGroups,
     pad_token_id: int = 0,
+    plan: PackPlan | None = None,
 ) -> torch.Tensor:
     """``completion_hidden_states`` through the ``packed`` layout. Returns [B, T, H].
 
-    Packed row k: prompt k's p_k real tokens at positions 0 .. p_k-1, then for each row b of
-    prompt k (in batch order) its completion tokens 0 .. f_b-1 (f_b = l_b - 1) at positions
-    p_k .. p_k+f_b-1. Token j attends to token i of its row iff i <= j and i is a prompt token or
-    in j's own completion. Output [b, 0] is the state of prompt k's last token, [b, t] (1 <= t
-    <= f_b) the state of b's completion token t-1; beyond that (padding) the prompt's last state,
-    which the caller masks out like the plain pass's padding states.
+    Prompt k's block (``plan``; default ``pack_rows``) sits in packed row r_k from column s_k:
+    its p_k real tokens at positions 0 .. p_k-1, then for each row b of prompt k (in batch
+    order) its completion tokens 0 .. f_b-1 (f_b = l_b - 1) at positions p_k .. p_k+f_b-1.
+    Token j attends to token i of its packed row iff i <= j, both are in the same block, and i
+    is a prompt token or in j's own completion. Output [b, 0] is the state of prompt k's last
+    token, [b, t] (1 <= t <= f_b) the state of b's completion token t-1; beyond that (padding)
+    the prompt's last state, which the caller masks out like the plain pass's padding states.
     """
     device = input_ids.device
     batch, length = input_ids.shape
     prompt_len = length - n_completion
     inverse, prompt_lens, fed = groups.inverse, groups.prompt_lens, groups.fed_lens
     n_prompts = groups.keys.shape[0]
-    row_lens = packed_row_lengths(groups)
-    width = int(row_lens.max())
+    if plan is None:
+        plan = pack_rows(groups, *layer_costs(decoder.config))
+    width, block_base = plan.width, plan.row * plan.width + plan.start  # [N] flat block starts
 
-    # Where each row's completion segment starts in its packed row: after the prompt and the
-    # segments of the earlier rows of the same prompt (stable sort keeps batch order).
+    # Where each row's completion segment starts: after its prompt and the segments of the
+    # earlier rows of the same prompt (stable sort keeps batch order).
     sorted_prompt, order = torch.sort(inverse, stable=True)
     fed_sorted = fed[order]
     within = torch.cumsum(fed_sorted, 0) - fed_sorted  # exclusive cumsum over sorted rows
     first = torch.searchsorted(sorted_prompt, torch.arange(n_prompts, device=device))
-    offsets = torch.empty_like(fed)
-    offsets[order] = prompt_lens[sorted_prompt] + within - within[first][sorted_prompt]
+    offsets = torch.empty_like(fed)  # flat index of row b's first fed token
+    offsets[order] = (block_base + prompt_lens)[sorted_prompt] + within - within[first][sorted_prompt]
 
-    tokens = torch.full((n_prompts, width), pad_token_id, dtype=input_ids.dtype, device=device)
-    positions = torch.zeros((n_prompts, width), dtype=torch.long, device=device)
-    segment = torch.full((n_prompts, width), -1, dtype=torch.long, device=device)  # -1: padding
-    cols = torch.arange(width, device=device)
-    is_prompt = cols.unsqueeze(0) < prompt_lens.unsqueeze(1)  # [N, width]
-    prompt_ids = groups.keys[:, :prompt_len]
-    # Prompt k's real tokens are the last p_k columns of its left-padded prompt.
-    src = (prompt_len - prompt_lens).unsqueeze(1) + cols.unsqueeze(0)
-    tokens = torch.where(is_prompt, prompt_ids.gather(1, src.clamp(max=prompt_len - 1)), tokens)
-    positions = torch.where(is_prompt, cols.unsqueeze(0).expand(n_prompts, -1), positions)
-    segment = segment.masked_fill(is_prompt, 0)
+    size = plan.rows * width
+    tokens = torch.full((size,), pad_token_id, dtype=input_ids.dtype, device=device)
+    positions = torch.zeros(size, dtype=torch.long, device=device)
+    block = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: padding
+    segment = torch.zeros(size, dtype=torch.long, device=device)  # 0: prompt, b + 1: row b
+
+    # Prompt tokens: prompt k's real tokens are the last p_k columns of its left-padded prompt.
+    tok_prompt = torch.repeat_interleave(torch.arange(n_prompts, device=device), prompt_lens)
+    j = torch.arange(tok_prompt.numel(), device=device) - torch.repeat_interleave(
+        torch.cumsum(prompt_lens, 0) - prompt_lens, prompt_lens
+    )  # token index within its prompt
+    dest = block_base[tok_prompt] + j
+    tokens[dest] = groups.keys[tok_prompt, prompt_len - prompt_lens[tok_prompt] + j]
+    positions[dest] = j
+    block[dest] = tok_prompt
 
     # Completion segments: one flat index per fed token.
     seg_row = torch.repeat_interleave(torch.arange(batch, device=device), fed)  # [F]
     step = torch.arange(seg_row.numel(), device=device) - torch.repeat_interleave(
         torch.cumsum(fed, 0) - fed, fed
     )  # token index within its completion
-    dest_row, dest_col = inverse[seg_row], offsets[seg_row] + step
-    tokens[dest_row, dest_col] = input_ids[seg_row, prompt_len + step]
-    positions[dest_row, dest_col] = prompt_lens[dest_row] + step
-    segment[dest_row, dest_col] = seg_row + 1
+    dest = offsets[seg_row] + step
+    tokens[dest] = input_ids[seg_row, prompt_len + step]
+    positions[dest] = prompt_lens[inverse[seg_row]] + step
+    block[dest] = inverse[seg_row]
+    segment[dest] = seg_row + 1
 
+    shape = (plan.rows, width)
+    tokens, positions = tokens.view(shape), positions.view(shape)
+    block, segment = block.view(shape), segment.view(shape)
+    cols = torch.arange(width, device=device)
     causal = cols.unsqueeze(0) <= cols.unsqueeze(1)  # [q, k]
-    key_seg, query_seg = segment.unsqueeze(1), segment.unsqueeze(2)  # [N, 1, k], [N, q, 1]
-    allowed = causal & (key_seg >= 0) & ((key_seg == 0) | (key_seg == query_seg))
+    key_block, query_block = block.unsqueeze(1), block.unsqueeze(2)  # [R, 1, k], [R, q, 1]
+    key_seg, query_seg = segment.unsqueeze(1), segment.unsqueeze(2)
+    allowed = (causal & (key_block >= 0) & (key_block == query_block)
+               & ((key_seg == 0) | (key_seg == query_seg)))
     # Padding queries attend to themselves only (a fully masked row would give NaN in sdpa).
-    allowed |= torch.eye(width, dtype=torch.bool, device=device) & (query_seg < 0)
-    mask4d = allowed.unsqueeze(1)  # [N, 1, q, k]
+    allowed |= torch.eye(width, dtype=torch.bool, device=device) & (query_block < 0)
+    mask4d = allowed.unsqueeze(1)  # [R, 1, q, k]
     if getattr(decoder.config, "_attn_implementation", None) == "eager":
         dtype = next(decoder.parameters()).dtype
         mask4d = torch.zeros(mask4d.shape, dtype=dtype, device=device).masked_fill(
@@ -201,14 +275,13 @@ def packed_hidden_states(
 
     out = decoder(input_ids=tokens, attention_mask=mask4d, position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    flat = hidden.reshape(n_prompts * width, hidden.shape[-1])
+    flat = hidden.reshape(size, hidden.shape[-1])
 
     # Output index [B, T]: t = 0 -> prompt's last token; 1 <= t <= f_b -> completion token t-1.
     t = torch.arange(n_completion, device=device).unsqueeze(0)
-    last_prompt = (inverse * width + prompt_lens[inverse] - 1).unsqueeze(1)
+    last_prompt = (block_base + prompt_lens - 1)[inverse].unsqueeze(1)
     in_segment = (t >= 1) & (t <= fed.unsqueeze(1))
-    index = torch.where(in_segment, inverse.unsqueeze(1) * width + offsets.unsqueeze(1) + t - 1,
-                        last_prompt)
+    index = torch.where(in_segment, offsets.unsqueeze(1) + t - 1, last_prompt)
     # index_select, not flat[index]: the latter's backward (index_put_ with accumulate) adds with
     # atomics on CPU, so repeated runs differed in the last bits; index_add_ is deterministic.
     return flat.index_select(0, index.reshape(-1)).view(batch, n_completion, hidden.shape[-1])

@@ -91,11 +91,8 @@ def test_shared_layouts_equal_plain_values_and_gradients(fixture, layout, reques
     assert plain[2] == [(PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN)]
     if layout == "kv_cache":  # the 3 prompts once, then the first T-1 completion tokens of all rows
         assert shared[2] == [(PROMPTS, PROMPT_LEN), (PROMPTS * GROUP, COMPLETION_LEN - 1)]
-    else:  # one row per prompt: its real tokens + its rows' completions without the last token
-        fed = mask[:, PROMPT_LEN:].sum(1) - 1
-        longest = max(int(mask[g * GROUP, :PROMPT_LEN].sum() + fed[g * GROUP:(g + 1) * GROUP].sum())
-                      for g in range(PROMPTS))
-        assert shared[2] == [(PROMPTS, longest)]
+    else:  # one block per prompt (its real tokens + its rows' completions minus the last token)
+        assert shared[2] == [packed_shape(model, ids, mask)]
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
     assert_grads_close(shared[1], plain[1])
 
@@ -125,7 +122,7 @@ def test_eager_attention_packs_with_an_additive_mask(tiny_dir):
     ids, mask = grouped_batch()
     packed = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "packed")
     plain = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "plain")
-    assert len(packed[2]) == 1 and packed[2][0][0] == PROMPTS
+    assert packed[2] == [packed_shape(model, ids, mask)]
     torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=1e-5)
     assert_grads_close(packed[1], plain[1])
 
@@ -136,7 +133,10 @@ def test_single_completion_token(tiny_dir, layout):
     ids, mask = grouped_batch(completion_len=1)
     shared = hidden_and_grads(model, ids, mask, 1, layout)
     plain = hidden_and_grads(model, ids, mask, 1, "plain")
-    assert shared[2] == [(PROMPTS, PROMPT_LEN)]  # the prompts alone: nothing else is fed
+    # The prompts alone: nothing else is fed (packed: their 4 + 6 + 5 real tokens in rows).
+    expected = (PROMPTS, PROMPT_LEN) if layout == "kv_cache" else packed_shape(model, ids, mask)
+    assert shared[2] == [expected]
+    assert layout == "kv_cache" or expected[0] * expected[1] >= 4 + 6 + 5
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
     assert_grads_close(shared[1], plain[1])
 
@@ -161,11 +161,84 @@ def test_auto_layout_follows_the_cost(tiny_dir):
         model.model.config._attn_implementation = "sdpa"
         assert choose(decoder, ids, mask) == "packed"
     counter.handle.remove()
-    assert counter.shapes[0][0] == PROMPTS  # packed: one row per prompt
+    assert counter.shapes[0] == packed_shape(model, ids, mask)  # packed
     assert counter.shapes[1:] == [
         (PROMPTS, PROMPT_LEN + COMPLETION_LEN),
         (PROMPTS * GROUP, PROMPT_LEN + COMPLETION_LEN + 60),
     ]
+
+
+def block_lengths(mask) -> list[int]:
+    """Tokens of each prompt's packed block: real prompt tokens + its rows' fed completion tokens."""
+    fed = mask[:, PROMPT_LEN:].sum(1) - 1
+    return [int(mask[g * GROUP, :PROMPT_LEN].sum() + fed[g * GROUP:(g + 1) * GROUP].sum())
+            for g in range(PROMPTS)]
+
+
+def packed_shape(model, ids, mask, n_rows=None) -> tuple[int, int]:
+    """[rows, width] of the packed decoder call, from ``pack_rows``."""
+    from psirl.models.prefix_sharing import layer_costs, pack_rows, prompt_groups
+
+    plan = pack_rows(prompt_groups(ids, mask, PROMPT_LEN), *layer_costs(model.config), n_rows)
+    return (plan.rows, plan.width)
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, PROMPTS])
+def test_any_packing_of_blocks_into_rows_equals_plain(tiny_dir, n_rows):
+    """All blocks in one row, two rows (one holding two blocks), one block per row: the same
+    states and gradients as the plain pass, and the decoder sees [n_rows, widest row]."""
+    from psirl.models import prefix_sharing as sharing
+
+    model, _ = load_policy(tiny_dir)
+    ids, mask = grouped_batch()
+    decoder, _ = split_backbone_and_head(model)
+    groups = sharing.prompt_groups(ids, mask, PROMPT_LEN)
+    plan = sharing.pack_rows(groups, *sharing.layer_costs(model.config), n_rows)
+    # Block lengths in the groups' prompt order (torch.unique sorts the prompts).
+    by_batch_group = block_lengths(mask)
+    lengths = [by_batch_group[int((groups.inverse == k).nonzero()[0]) // GROUP]
+               for k in range(PROMPTS)]
+    # LPT: longest block first, each into the shortest row so far.
+    expected_width = {1: sum(lengths), 2: max(max(lengths), sum(lengths) - max(lengths)),
+                      PROMPTS: max(lengths)}[n_rows]
+    assert (plan.rows, plan.width) == (n_rows, expected_width)
+    blocks = sorted(zip(plan.row.tolist(), plan.start.tolist(), lengths, strict=True))
+    for (r1, s1, l1), (r2, s2, _) in zip(blocks, blocks[1:], strict=False):
+        assert r1 != r2 or s1 + l1 <= s2  # blocks of one row do not overlap
+
+    model.zero_grad()
+    counter = CallCounter(decoder)
+    hidden = sharing.packed_hidden_states(decoder, ids, COMPLETION_LEN, groups, plan=plan)
+    counter.handle.remove()
+    cmask = mask[:, -COMPLETION_LEN:, None].float()
+    weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
+    (hidden * weights * cmask).sum().backward()
+    packed_grads = param_grads(model)
+    plain = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "plain")
+    assert counter.shapes == [(n_rows, expected_width)]
+    torch.testing.assert_close(hidden.detach() * cmask, plain[0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(packed_grads, plain[1])
+
+
+def test_pack_rows_picks_the_cheapest_estimate():
+    """Blocks of 30, 20, 20, 10 tokens. LPT into 3 rows: [30 | 20+10 | 20], width 30; into 2:
+    [30+10 | 20+20], width 40. Cost R x W x (linear + W x attention): with cheap attention the
+    2 x 40 packing wins (80 x 1040 < 90 x 1030), with dear attention the 3 x 30 one."""
+    from psirl.models.prefix_sharing import PromptGroups, pack_rows
+
+    groups = PromptGroups(keys=torch.zeros(4, 2, dtype=torch.long), inverse=torch.arange(4),
+                          prompt_lens=torch.tensor([30, 20, 20, 10]),
+                          fed_lens=torch.zeros(4, dtype=torch.long))
+    cheap = pack_rows(groups, linear=1000.0, attention=1.0)
+    assert (cheap.rows, cheap.width, cheap.cost) == (2, 40, 2 * 40 * (1000 + 40))
+    row, start = cheap.row.tolist(), cheap.start.tolist()
+    assert row[0] == row[3] != row[1] == row[2] and (start[0], start[3]) == (0, 30)
+    assert sorted([start[1], start[2]]) == [0, 20]
+    dear = pack_rows(groups, linear=1.0, attention=1000.0)
+    assert (dear.rows, dear.width) == (3, 30)
+    assert pack_rows(groups, 1.0, 1.0, n_rows=4).width == 30
+    with pytest.raises(ValueError, match="n_rows=5"):
+        pack_rows(groups, 1.0, 1.0, n_rows=5)
 
 
 def choose(decoder, ids, mask):
