@@ -123,14 +123,33 @@ def clip_and_step(
     scheduler=None,
     grad_clip: float | None = None,
 ) -> float:
-    """Clip the global grad norm (if asked), step, zero grads; return the pre-clip grad norm."""
-    if any(p.grad is not None for p in parameters):
-        # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
-        max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
-    else:
+    """Clip the global grad norm (if asked), step, zero grads; return the pre-clip grad norm.
+
+    With a fused optimiser (``build_optimizer`` picks one) the clip factor goes to the fused
+    kernel as its gradient divisor (the ``grad_scale`` hook ``torch.amp.GradScaler`` uses), so
+    the gradients are read once by the update instead of being rescaled in a pass of their own:
+    ``g / (1 / c)`` with ``c = min(1, max_norm / (norm + 1e-6))``, the factor
+    ``clip_grad_norm_`` multiplies by.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused")) and get_total_norm is not None
+    if not grads:
         grad_norm = 0.0
-    optimizer.step()
+    elif fused:
+        total = get_total_norm(grads, foreach=True)
+        grad_norm = float(total)
+        if grad_norm > max_norm:  # c < 1; grad_scale is 1 / c
+            optimizer.grad_scale = (total + 1e-6) / max_norm
+    else:
+        # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
+    try:
+        optimizer.step()
+    finally:
+        if hasattr(optimizer, "grad_scale"):
+            del optimizer.grad_scale
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
