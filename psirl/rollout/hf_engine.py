@@ -102,12 +102,17 @@ class HFEngine:
             raise ValueError("prompts: empty list")
         model = unwrap_peft(self.model)
         was_training = model.training
-        model.eval()
+        # Switch modes only when some module is in training mode (a mode switch walks every
+        # module; the online loop already puts the model in eval mode before sampling).
+        switch = any(m.training for m in model.modules())
+        if switch:
+            model.eval()
         try:
             with torch.inference_mode():
                 decoded = self._decode(model, list(prompts), params)
         finally:
-            model.train(was_training)
+            if switch:
+                model.train(was_training)
         # Built outside inference mode: the batch's tensors feed autograd in the trainer.
         return self._assemble(list(prompts), *decoded, params)
 

@@ -169,14 +169,25 @@ def test_compaction_does_not_change_greedy_output(ab_policy):
 
 def test_batch_tensors_feed_autograd_and_model_mode_is_restored(policy):
     model, tok = policy
+    seen = []  # the mode a layer is in while it runs during sampling
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(m.training))
     model.train()
     try:
         batch = HFEngine(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, seed=0))
-        assert model.training
+        assert model.training and all(m.training for m in model.modules())
+        assert seen and not any(seen)  # sampled in eval mode (no dropout)
+        # Top module in eval mode but one layer left in training mode: still sampled in eval.
+        model.eval()
+        model.model.layers[0].train()
+        seen.clear()
+        HFEngine(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, seed=0))
+        assert seen and not any(seen)
+        model.train()
         logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len)
         (logp * batch.completion_mask).sum().backward()
         assert model.lm_head.weight.grad is not None
     finally:
+        hook.remove()
         model.zero_grad(set_to_none=True)
         model.eval()
 
