@@ -150,6 +150,9 @@ class PackPlan:
 
 
 MAX_BLOCKS_PER_ROW = 8  # widest packing tried: rows about 8 x the longest block
+# Rows holding several blocks stay at most this wide: the 4D mask is [rows, 1, width, width], and
+# a wide row buys little (padding is at most the gap to the longest block).
+MAX_SHARED_ROW_TOKENS = 2048
 
 
 def pack_rows(groups: PromptGroups, linear: float, attention: float,
@@ -161,8 +164,10 @@ def pack_rows(groups: PromptGroups, linear: float, attention: float,
     length); several blocks per row cut that padding but attention grows with the row's square.
     Tried: for R rows with R = N (one block each) and R = ceil(total / (m x longest)),
     m = 1 .. MAX_BLOCKS_PER_ROW, blocks are placed longest first, each into the row that is
-    shortest so far (LPT). Measured on the GRPO benchmark's tiny batch (8 blocks of ~26 tokens):
-    policy forward + backward 27.1 ms as [8, 30] against 24.5 ms as [4, 52].
+    shortest so far (LPT). A packing with several blocks in a row is kept only while its rows
+    are at most MAX_SHARED_ROW_TOKENS wide (one block per row is always possible). Measured on
+    the GRPO benchmark's tiny model (fwd + bwd, 2 threads): [8, 30] 25.1-25.6 ms, [4, 52]
+    22.3 ms, [2, 104] 23.6 ms, [1, 208] 24.6 ms, in the order the estimate ranks them.
     """
     lengths = packed_group_lengths(groups).tolist()
     n_blocks, total, longest = len(lengths), sum(lengths), max(lengths)
@@ -183,6 +188,8 @@ def pack_rows(groups: PromptGroups, linear: float, attention: float,
             row[k], start[k] = r, load
             heapq.heappush(loads, (load + lengths[k], r))
         width = max(load for load, _ in loads)
+        if rows < n_blocks and width > max(longest, MAX_SHARED_ROW_TOKENS) and n_rows is None:
+            continue
         cost = float(rows * width * (linear + width * attention))
         if best is None or cost < best[0]:
             best = (cost, row, start, rows, width)

@@ -241,6 +241,26 @@ def test_pack_rows_picks_the_cheapest_estimate():
         pack_rows(groups, 1.0, 1.0, n_rows=5)
 
 
+def test_shared_rows_stay_under_the_width_cap(monkeypatch):
+    """Blocks of 30, 20, 20, 10 with the cap at 35 tokens: the estimate's favourite 2 x 40
+    ([30+10 | 20+20]) is too wide, so 3 x 30 ([30 | 20+10 | 20]); rows as wide as the longest
+    block are allowed even above the cap ([50 | 10+10+10], but not one row of 80)."""
+    from psirl.models import prefix_sharing as sharing
+
+    def groups(lengths):
+        n = len(lengths)
+        return sharing.PromptGroups(keys=torch.zeros(n, 2, dtype=torch.long),
+                                    inverse=torch.arange(n), prompt_lens=torch.tensor(lengths),
+                                    fed_lens=torch.zeros(n, dtype=torch.long))
+
+    monkeypatch.setattr(sharing, "MAX_SHARED_ROW_TOKENS", 35)
+    plan = sharing.pack_rows(groups([30, 20, 20, 10]), linear=1000.0, attention=1.0)
+    assert (plan.rows, plan.width) == (3, 30)
+    assert sharing.pack_rows(groups([30, 20, 20, 10]), 1000.0, 1.0, n_rows=2).width == 40
+    long_block = sharing.pack_rows(groups([50, 10, 10, 10]), linear=1000.0, attention=1.0)
+    assert (long_block.rows, long_block.width) == (2, 50)  # [50 | 10+10+10]
+
+
 def choose(decoder, ids, mask):
     from psirl.models.prefix_sharing import choose_layout, prompt_groups
 
