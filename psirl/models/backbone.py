@@ -125,14 +125,15 @@ def completion_hidden_states(
         )
     prompt_len = length - n_completion
     if layout != "plain":
-        groups = sharing.prompt_groups(input_ids, attention_mask, prompt_len)
+        groups, plan = sharing.prompt_groups(input_ids, attention_mask, prompt_len), None
         if layout is None:
-            layout = sharing.choose_layout(decoder.config, groups, batch, length, prompt_len,
-                                           n_completion)
+            layout, plan = sharing.choose_layout(decoder.config, groups, batch, length,
+                                                 prompt_len, n_completion)
         elif groups is None or (layout == "packed" and not sharing.supports_packing(decoder.config)):
             layout = "plain"
         if layout == "packed":
-            return sharing.packed_hidden_states(decoder, input_ids, n_completion, groups)
+            return sharing.packed_hidden_states(decoder, input_ids, n_completion, groups,
+                                                plan=plan)
         if layout == "kv_cache":
             return sharing.kv_cache_hidden_states(decoder, input_ids, attention_mask,
                                                   n_completion, groups)

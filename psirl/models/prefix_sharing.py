@@ -107,10 +107,11 @@ def layer_costs(config) -> tuple[float, float]:
 
 def choose_layout(
     config, groups: PromptGroups | None, batch: int, length: int, prompt_len: int, n_completion: int
-) -> str:
-    """'plain', 'packed' or 'kv_cache': the cheapest by the FLOP estimate in the module doc."""
+) -> tuple[str, PackPlan | None]:
+    """('plain' | 'packed' | 'kv_cache', packing plan): the cheapest layout by the FLOP estimate
+    in the module doc, and the ``pack_rows`` plan it costed for 'packed' (None if not costed)."""
     if groups is None or groups.keys.shape[0] == batch:
-        return "plain"
+        return "plain", None
     linear, attention = layer_costs(config)
     n_prompts = groups.keys.shape[0]
     costs = {"plain": batch * length * linear + batch * length * length * attention}
@@ -119,10 +120,11 @@ def choose_layout(
         n_prompts * prompt_len * (linear + prompt_len * attention)
         + batch * fed * (linear + (prompt_len + fed) * attention)
     )
-    if supports_packing(config):
-        costs["packed"] = pack_rows(groups, linear, attention).cost
+    plan = pack_rows(groups, linear, attention) if supports_packing(config) else None
+    if plan is not None:
+        costs["packed"] = plan.cost
     best = min(costs, key=costs.get)
-    return best if costs[best] < SHARED_MIN_GAIN * costs["plain"] else "plain"
+    return (best if costs[best] < SHARED_MIN_GAIN * costs["plain"] else "plain"), plan
 
 
 def packed_group_lengths(groups: PromptGroups) -> torch.Tensor:

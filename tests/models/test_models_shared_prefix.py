@@ -265,8 +265,10 @@ def choose(decoder, ids, mask):
     from psirl.models.prefix_sharing import choose_layout, prompt_groups
 
     groups = prompt_groups(ids, mask, PROMPT_LEN)
-    return choose_layout(decoder.config, groups, ids.shape[0], ids.shape[1], PROMPT_LEN,
-                         COMPLETION_LEN)
+    layout, plan = choose_layout(decoder.config, groups, ids.shape[0], ids.shape[1], PROMPT_LEN,
+                                 COMPLETION_LEN)
+    assert (plan is None) == (decoder.config._attn_implementation not in ("sdpa", "eager"))
+    return layout
 
 
 def test_sliding_window_models_do_not_pack(tiny_dir):
