@@ -67,13 +67,16 @@ class CallCounter:
         self.shapes.append(tuple(kwargs["input_ids"].shape))
 
 
-def hidden_and_grads(model, ids, mask, n_completion, layout):
+def hidden_and_grads(model, ids, mask, n_completion, layout, run=None):
     """Masked hidden states, parameter gradients of a fixed linear function of them, and the
-    decoder calls' input shapes, for one layout."""
+    decoder calls' input shapes, for one layout (or for ``run(decoder)``, when given)."""
     model.zero_grad()
     decoder, _ = split_backbone_and_head(model)
     counter = CallCounter(decoder)
-    hidden = completion_hidden_states(decoder, ids, mask, n_completion, layout=layout)
+    if run is None:
+        hidden = completion_hidden_states(decoder, ids, mask, n_completion, layout=layout)
+    else:
+        hidden = run(decoder)
     counter.handle.remove()
     cmask = mask[:, -n_completion:, None].float()
     weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
@@ -191,7 +194,6 @@ def test_any_packing_of_blocks_into_rows_equals_plain(tiny_dir, n_rows):
 
     model, _ = load_policy(tiny_dir)
     ids, mask = grouped_batch()
-    decoder, _ = split_backbone_and_head(model)
     groups = sharing.prompt_groups(ids, mask, PROMPT_LEN)
     plan = sharing.pack_rows(groups, *sharing.layer_costs(model.config), n_rows)
     # Block lengths in the groups' prompt order (torch.unique sorts the prompts).
@@ -206,18 +208,13 @@ def test_any_packing_of_blocks_into_rows_equals_plain(tiny_dir, n_rows):
     for (r1, s1, l1), (r2, s2, _) in zip(blocks, blocks[1:], strict=False):
         assert r1 != r2 or s1 + l1 <= s2  # blocks of one row do not overlap
 
-    model.zero_grad()
-    counter = CallCounter(decoder)
-    hidden = sharing.packed_hidden_states(decoder, ids, COMPLETION_LEN, groups, plan=plan)
-    counter.handle.remove()
-    cmask = mask[:, -COMPLETION_LEN:, None].float()
-    weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
-    (hidden * weights * cmask).sum().backward()
-    packed_grads = param_grads(model)
+    packed = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "packed", run=lambda decoder:
+                              sharing.packed_hidden_states(decoder, ids, COMPLETION_LEN, groups,
+                                                           plan=plan))
     plain = hidden_and_grads(model, ids, mask, COMPLETION_LEN, "plain")
-    assert counter.shapes == [(n_rows, expected_width)]
-    torch.testing.assert_close(hidden.detach() * cmask, plain[0], atol=1e-5, rtol=1e-5)
-    assert_grads_close(packed_grads, plain[1])
+    assert packed[2] == [(n_rows, expected_width)]
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(packed[1], plain[1])
 
 
 def test_pack_rows_picks_the_cheapest_estimate():
