@@ -358,3 +358,8 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == bos
+
+
+def engine_from_config(config, model: nn.Module, tokenizer) -> HFEngine:
+    """`rollout.engine: hf`: sample with the trainer's own module (no weight copies)."""
+    return HFEngine(model, tokenizer)

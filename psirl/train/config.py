@@ -380,6 +380,38 @@ RewardConfig = Annotated[
 WeightedComponent.model_rebuild()
 
 
+# --------------------------------------------------------------------------- rollout
+
+
+class VLLMConfig(_Section):
+    """Settings of the vLLM engine (`rollout.engine: vllm`, extra `psirl[vllm]`).
+
+    in_process: run the engine in the trainer's process (weight sync is a direct load, no copy
+    through shared memory); false starts vLLM's own engine process.
+    kv_cache_memory_bytes: KV-cache budget in bytes (CPU builds, or an exact budget on GPU);
+    None leaves it to `gpu_memory_utilization` (GPU only).
+    gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache).
+    max_model_len: longest prompt + completion the engine accepts.
+    enable_sleep_mode: free the engine's GPU memory during the update stage (GPU only).
+    dtype: the engine's weights; "auto" follows the run's `dtype`.
+    """
+
+    in_process: bool = True
+    kv_cache_memory_bytes: int | None = Field(1 << 29, gt=0)
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    max_model_len: int = Field(1024, gt=0)
+    enable_sleep_mode: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class RolloutConfig(_Section):
+    """Which engine samples completions for every loop that samples (online, online DPO,
+    self-training, evaluation): `hf` (transformers, the trainer's own module) or `vllm`."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
 # --------------------------------------------------------------------------- other loops
 
 
@@ -503,6 +535,7 @@ class TrainConfig(_Section):
     track: TrackConfig = Field(default_factory=TrackConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     reward: RewardConfig = Field(default_factory=TaskRewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     self_training: SelfTrainingConfig = Field(default_factory=SelfTrainingConfig)
