@@ -83,10 +83,11 @@ def demo(
 @app.command()
 def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Print the method matrix: every preset as values of the same knobs."""
-    from psirl.algorithms import method_matrix
+    from psirl.algorithms import knobs_to_dict, method_matrix, resolve_preset
 
     rows = method_matrix()
-    if as_json:
+    if as_json:  # with every preset's resolved knob values (what a config can override)
+        rows = [{**row, "knobs": knobs_to_dict(resolve_preset(row["method"]))} for row in rows]
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console

@@ -121,6 +121,10 @@ class SafeReward:
             values = list(self.fn(prompts, completions, records))
             if len(values) != size:
                 raise ValueError(f"returned {len(values)} values for {size} samples")
+        except TimeoutError as error:  # rescoring a hung reward per sample would hang B times
+            for i in range(size):
+                self._note_failure(f"sample {i}", error)
+            return [self.fallback] * size
         except Exception:  # rescore per sample to isolate the failing ones
             return [
                 self._score_one(p, c, r, i)

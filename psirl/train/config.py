@@ -353,6 +353,46 @@ class JudgeRewardConfig(_RewardBase):
     max_retries: int = Field(3, ge=0)
 
 
+class PythonRewardConfig(_RewardBase):
+    """Your own reward function, imported from `function` = "module:name" (the module is looked
+    up on sys.path, then in the working directory): ``fn(prompts, completions, records) ->
+    list[float]``, plain or ``async def``, batched. A function with a ``tokenizer`` parameter
+    receives the policy's tokenizer. A call that runs longer than `timeout_s` (or raises) gives
+    its samples the fallback and is counted, it does not stop the run."""
+
+    kind: Literal["python"] = "python"
+    function: str | None = None  # None: the function is given from Python (train(reward_fn=...))
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        module, _, name = v.partition(":")
+        if not module or not name or not name.isidentifier():
+            raise ValueError(f"{v!r}: expected 'module:function', e.g. 'my_rewards:score'")
+        return v
+
+
+class LengthRewardConfig(_RewardBase):
+    """DAPO's overlong soft punishment in tokens of the policy's tokenizer: 0 up to
+    max_tokens - cache_tokens, then a linear ramp to -penalty at max_tokens (psirl.rewards.length).
+    Combine it with the task reward through `kind: weighted`."""
+
+    kind: Literal["length"] = "length"
+    max_tokens: int = Field(gt=0)
+    cache_tokens: int = Field(gt=0)
+    penalty: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> LengthRewardConfig:
+        if self.cache_tokens > self.max_tokens:
+            raise ValueError(f"cache_tokens ({self.cache_tokens}) must not exceed max_tokens "
+                             f"({self.max_tokens})")
+        return self
+
+
 class WeightedComponent(_Section):
     """One term w * r(x, y) of a weighted reward."""
 
@@ -374,6 +414,8 @@ RewardConfig = Annotated[
     | CodeRewardConfig
     | RewardModelRewardConfig
     | JudgeRewardConfig
+    | PythonRewardConfig
+    | LengthRewardConfig
     | WeightedRewardConfig,
     Field(discriminator="kind"),
 ]

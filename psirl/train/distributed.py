@@ -316,7 +316,7 @@ def global_step_normaliser(mask: Tensor | Sequence[Tensor], mode: str,
 
 def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_ids: Tensor,
                       values: Tensor | None = None, *, gamma: float = 1.0,
-                      lam: float = 1.0) -> tuple[Tensor, Tensor]:
+                      lam: float = 1.0, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """``ADVANTAGE_ESTIMATORS[estimator]`` on this rank's rows, with batch statistics taken over
     the global batch. Shapes as core/advantages.py: [B_r, T] in, ([B_r, T], [B_r, T]) out.
 
@@ -331,7 +331,7 @@ def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group
     fn = ADVANTAGE_ESTIMATORS[estimator]
     rank, world_size = world()
     if world_size == 1 or estimator not in BATCH_ESTIMATORS:
-        return fn(token_rewards, mask, group_ids, values, gamma=gamma, lam=lam)
+        return fn(token_rewards, mask, group_ids, values, gamma=gamma, lam=lam, eps=eps)
     m = mask.to(token_rewards.dtype)
     totals = all_gather_rows(sequence_returns(reward_to_go(token_rewards, m, gamma), m))
 
@@ -348,7 +348,7 @@ def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group
     rewards_all = torch.cat([before, token_rewards, after])
     mask_all = torch.cat([before_mask, mask, after_mask])
     ids_all = torch.zeros(rewards_all.shape[0], dtype=group_ids.dtype, device=group_ids.device)
-    adv, ret = fn(rewards_all, mask_all, ids_all, None, gamma=gamma, lam=lam)
+    adv, ret = fn(rewards_all, mask_all, ids_all, None, gamma=gamma, lam=lam, eps=eps)
     lo, hi = before.shape[0], before.shape[0] + token_rewards.shape[0]
     return adv[lo:hi], ret[lo:hi]
 

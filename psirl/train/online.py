@@ -12,18 +12,24 @@ estimator, ratio level, clip rule, aggregation and KL placement to use, and core
 from __future__ import annotations
 
 import copy
+import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from psirl.algorithms import OnlineKnobs
 from psirl.core.filters import zero_signal_groups
-from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_in_reward
-from psirl.core.masking import masked_mean, place_on_last_token
+from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from psirl.core.masking import masked_mean
 from psirl.core.objective import policy_loss
+from psirl.core.score import Scores, score_rollouts
 from psirl.core.value import clipped_value_loss, explained_variance
+from psirl.models.logprobs import token_logprobs
 from psirl.rollout.batch import RolloutBatch, SamplingParams
+from psirl.rollout.sampler import Sampler, ScoredRollouts
 from psirl.train.base import (
     LoopSpec,
     build_optimizer,
@@ -44,15 +50,17 @@ from psirl.train.distributed import (
     world,
 )
 from psirl.train.evaluation import task_evaluator
-from psirl.train.rewards import build_reward
-from psirl.train.setup import build_policy, build_task, load_prompt_records
+from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
 
-SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s")
+SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s",
+                "sampling/skipped_step")
 
 
-def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Run the online loop with `config.algorithm` (a preset plus knob overrides)."""
-    return run_loop(config, build_online, resume=resume, quiet=quiet, summary_keys=SUMMARY_KEYS)
+def train(config, *, resume: bool = False, quiet: bool = False, reward_fn=None) -> Path:
+    """Run the online loop with `config.algorithm` (a preset plus knob overrides).
+    reward_fn: your own ``fn(prompts, completions, records) -> list[float]`` (sync or async)."""
+    build = build_online if reward_fn is None else functools.partial(build_online, reward_fn=reward_fn)
+    return run_loop(config, build, resume=resume, quiet=quiet, summary_keys=SUMMARY_KEYS)
 
 
 def knobs_from_config(config) -> OnlineKnobs:
@@ -61,7 +69,57 @@ def knobs_from_config(config) -> OnlineKnobs:
     return resolve_algorithm(config)
 
 
-def build_online(config, run_dir: Path) -> LoopSpec:
+@dataclass
+class OnlineRun:
+    """What the online stages share, built once by ``build_online``.
+
+    sampler: the rollout layer (engine + rendering + reward); records: the prompt records;
+    ref_model: frozen reference (None when the KL is off); value_model: PPO's critic (None
+    unless the estimator is GAE); params / value_params: what each optimiser updates;
+    kl_ctl: the KL coefficient controller (fixed or adaptive); task: the built-in task (gold
+    reward) or None.
+    """
+
+    config: Any
+    knobs: OnlineKnobs
+    model: torch.nn.Module
+    tokenizer: Any
+    sampler: Sampler
+    records: list[dict]
+    task: Any
+    ref_model: torch.nn.Module | None
+    value_model: torch.nn.Module | None
+    params: list[torch.nn.Parameter]
+    value_params: list[torch.nn.Parameter]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    kl_ctl: Any
+
+
+@dataclass
+class Collected:
+    """The collect stage's output: scored rollouts (None when every group had equal rewards even
+    after dynamic sampling's refills: nothing to learn) and the sampling metrics, whose reward
+    statistics cover every sample drawn this step, kept or not."""
+
+    rollouts: ScoredRollouts | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class Scored:
+    """The score stage's output, every tensor [B, T] on the policy's device (values: None
+    without a critic; ref_logp: None without a reference; beta: this step's KL coefficient)."""
+
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    old_values: torch.Tensor | None
+    scores: Scores
+    beta: float
+
+
+def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
+    """Build the policy, reference, critic, optimisers and rollout layer, and wire the stages."""
     knobs = knobs_from_config(config)
     sampling = knobs.sampling
     _check_data_parallel(config, sampling)
@@ -73,12 +131,10 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         from psirl.data.records import check_prompt_lengths
 
         check_prompt_lengths(records, tokenizer, config.data.max_prompt_tokens,
-                             config.data.train_path or f"task {config.data.task}")
-    reward_fn = build_reward(config, task)
+                             config.data.train_path or f"task {config.data.task}",
+                             chat=config.data.chat)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
 
-    from psirl.rollout.hf_engine import HFEngine
-
-    engine = HFEngine(model, tokenizer)
     uses_kl = knobs.loss.kl_placement != "none" and (knobs.loss.kl_coef > 0 or knobs.kl_control.adaptive)
     # The reference is a frozen copy of the initial policy: only built when the KL needs it.
     ref_model = None
@@ -90,12 +146,14 @@ def build_online(config, run_dir: Path) -> LoopSpec:
               if knobs.kl_control.adaptive else FixedKLController(knobs.loss.kl_coef))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config.optim)
     updates_per_step = sampling.epochs * sampling.minibatches
-    scheduler = build_scheduler(optimizer, config.optim, config.max_steps * updates_per_step)
+    optimizers = {"policy": build_optimizer(params, config.optim)}
+    schedulers = {"policy": build_scheduler(optimizers["policy"], config.optim,
+                                            config.max_steps * updates_per_step)}
     models = {"policy": model}
-    optimizers = {"policy": optimizer}
-    schedulers = {"policy": scheduler}
+    if ref_model is not None and knobs.kl_control.ref_reset_every > 0:
+        # A reset reference is no longer the initial policy: checkpoint it for an exact resume.
+        models["reference"] = ref_model
 
     value_model, value_params = None, []
     if knobs.advantage.estimator == "gae":
@@ -108,191 +166,230 @@ def build_online(config, run_dir: Path) -> LoopSpec:
         schedulers["value"] = build_scheduler(optimizers["value"], config.optim,
                                               config.max_steps * updates_per_step)
 
-    from psirl.models.logprobs import token_logprobs
+    run = OnlineRun(config=config, knobs=knobs, model=model, tokenizer=tokenizer, sampler=sampler,
+                    records=records, task=task, ref_model=ref_model, value_model=value_model,
+                    params=params, value_params=value_params, optimizers=optimizers,
+                    schedulers=schedulers, kl_ctl=kl_ctl)
+    evaluate = task_evaluator(config, model, tokenizer, task, max_new_tokens=sampling.max_new_tokens)
+    return LoopSpec(
+        models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
+        step=lambda step_index, generator: online_step(run, step_index, generator),
+        evaluate=evaluate,
+        get_state=lambda: {"kl_controller": kl_ctl.state_dict()},
+        set_state=lambda s: kl_ctl.load_state_dict(s["kl_controller"]) if "kl_controller" in s else None,
+        data_parallel=True,
+    )
 
-    def forward_logprobs(m, batch: RolloutBatch, with_entropy=False):
-        # Same distribution as the engine's behaviour log-probs: softmax(z / T) (T = 0: greedy,
-        # scored under T = 1), so ratios start at exactly 1 up to float rounding.
-        return token_logprobs(m, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
-                              temperature=sampling.temperature or 1.0, with_entropy=with_entropy,
-                              entropy_grad=knobs.loss.entropy_coef > 0)
 
-    def sample(prompts_idx: list[int], seed: int) -> tuple[RolloutBatch, torch.Tensor, list[dict]]:
-        recs = [records[i] for i in prompts_idx]
-        params_ = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-                                 n=sampling.group_size, seed=seed)
-        batch = engine.generate([r["prompt"] for r in recs], params_)
-        per_sample = [recs[int(g)] for g in batch.group_ids]
-        rewards = torch.tensor(reward_fn(batch.prompts, batch.completions, per_sample), dtype=torch.float32)
-        return batch, rewards, per_sample
+# ------------------------------------------------------------------------------------ stages
 
-    def collect(step_index: int, generator: torch.Generator):
-        """Sample `batch_size` prompts × G; with dynamic sampling, replace zero-signal groups."""
-        order = torch.randperm(len(records), generator=generator).tolist()
-        # Data-parallel: this rank samples its contiguous shard of the step's prompts (whole
-        # groups), with its own seed; one process: all of them, with the step's seed.
-        rank, world_size = world()
-        shard = shard_indices(config.optim.batch_size, rank, world_size)
-        n_prompts = len(shard)
-        seed = rank_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), rank)
-        batch, rewards, recs = sample(order[shard.start:shard.stop], seed)
-        stats = {"sampling/zero_signal_frac": float(zero_signal_groups(rewards, batch.group_ids).float().mean()),
-                 "sampling/resample_rounds": 0.0}
-        if not sampling.dynamic_sampling:
-            return batch, rewards, recs, stats
-        kept, kept_rewards, kept_recs = [], [], []
+
+def sampling_params(knobs: OnlineKnobs, seed: int) -> SamplingParams:
+    """The engine's parameters for one round of the step (G completions per prompt)."""
+    s = knobs.sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          max_new_tokens=s.max_new_tokens, n=s.group_size, seed=seed)
+
+
+def forward_logprobs(model, batch: RolloutBatch, knobs: OnlineKnobs, *, with_entropy: bool = False):
+    """(log-probs [B, T], entropy [B, T] or None) of the batch's completion tokens under `model`:
+    the same distribution as the engine's behaviour log-probs, softmax(z / T) (T = 0: greedy,
+    scored under T = 1), so the ratio starts at exactly 1 up to float rounding."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
+                          temperature=knobs.sampling.temperature or 1.0, with_entropy=with_entropy,
+                          entropy_grad=knobs.loss.entropy_coef > 0)
+
+
+def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Collected:
+    """Sample `optim.batch_size` prompts x G and score them; with dynamic sampling, replace the
+    zero-signal groups (equal rewards: no gradient) by fresh prompts, at most
+    `max_resample_rounds` times.
+
+    Data-parallel: this rank samples its contiguous shard of the step's prompts (whole groups),
+    with its own seed; one process: all of them, with the step's seed.
+    """
+    config, sampling = run.config, run.knobs.sampling
+    order = torch.randperm(len(run.records), generator=generator).tolist()
+    rank, world_size = world()
+    shard = shard_indices(config.optim.batch_size, rank, world_size)
+    n_prompts = len(shard)
+    seed = rank_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), rank)
+
+    def sample(indices: list[int], round_seed: int) -> ScoredRollouts:
+        return run.sampler.sample([run.records[i] for i in indices],
+                                  sampling_params(run.knobs, round_seed))
+
+    got = sample(order[shard.start:shard.stop], seed)
+    drawn = [got.rewards]
+    metrics = {"sampling/zero_signal_frac":
+               float(zero_signal_groups(got.rewards, got.batch.group_ids).float().mean()),
+               "sampling/resample_rounds": 0.0}
+    result: ScoredRollouts | None = got
+    if sampling.dynamic_sampling:
+        kept: list[ScoredRollouts] = []
         # Refills come from the prompts after the step's batch (wrapping round), dealt by rank.
         offset = config.optim.batch_size % len(order)
         pool = (order[offset:] + order[:offset])[rank::world_size]
         cursor, rounds, have = 0, 0, 0
         while True:
-            zero = zero_signal_groups(rewards, batch.group_ids)
-            keep_groups = (~zero).nonzero().flatten().tolist()[: n_prompts - have]
-            rows = [i for i, g in enumerate(batch.group_ids.tolist()) if g in set(keep_groups)]
+            zero = zero_signal_groups(got.rewards, got.batch.group_ids)
+            keep_groups = set((~zero).nonzero().flatten().tolist()[: n_prompts - have])
+            rows = [i for i, g in enumerate(got.batch.group_ids.tolist()) if g in keep_groups]
             if rows:
-                kept.append(batch.select(rows))
-                kept_rewards.append(rewards[rows])
-                kept_recs.extend(recs[i] for i in rows)
+                kept.append(ScoredRollouts(got.batch.select(rows), got.rewards[rows],
+                                           [got.records[i] for i in rows]))
                 have += len(keep_groups)
             if have >= n_prompts or rounds >= sampling.max_resample_rounds:
                 break
             rounds += 1
             need = n_prompts - have
-            nxt = [pool[(cursor + k) % len(pool)] for k in range(need)]
+            refill = [pool[(cursor + k) % len(pool)] for k in range(need)]
             cursor += need
-            batch, rewards, recs = sample(nxt, seed + rounds)
-        stats["sampling/resample_rounds"] = float(rounds)
-        stats["sampling/kept_groups"] = float(have)
-        if not kept:  # every group had equal rewards even after the cap: nothing to learn this step
-            return None, None, None, stats
-        return RolloutBatch.cat(kept), torch.cat(kept_rewards), kept_recs, stats
+            got = sample(refill, seed + rounds)
+            drawn.append(got.rewards)
+        metrics["sampling/resample_rounds"] = float(rounds)
+        metrics["sampling/kept_groups"] = float(have)
+        result = (ScoredRollouts(RolloutBatch.cat([k.batch for k in kept]),
+                                 torch.cat([k.rewards for k in kept]),
+                                 [r for k in kept for r in k.records]) if kept else None)
+    every = torch.cat(drawn)
+    metrics["reward/mean"] = float(every.mean())
+    metrics["reward/std"] = float(every.std()) if every.numel() > 1 else 0.0
+    metrics["sampling/samples"] = float(every.numel())
+    return Collected(rollouts=result, metrics=metrics)
 
-    def learn(batch, old_logp, ref_logp, advantages, returns, old_values, beta, generator):
-        """epochs x minibatches optimiser steps on one rollout; each step's normaliser is computed
-        once over its rows, then its micro-batches (grad_accum) are backpropagated separately."""
-        mask = batch.completion_mask
-        loss_knobs = knobs.loss if ref_logp is not None else _without_kl(knobs.loss)
-        per_step: list[dict[str, float]] = []
-        n = mask.shape[0]
-        for _epoch in range(sampling.epochs):
-            perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
-            for mb in split_microbatches(n, sampling.minibatches):
-                mb_rows = perm[mb]
-                # Counted over every data-parallel rank's rows of this optimiser step.
-                normaliser = global_step_normaliser(mask[mb_rows], loss_knobs.aggregation,
-                                                    loss_knobs.constant_normaliser)
-                v_norm = global_step_normaliser(mask[mb_rows], "token_mean")
-                micro_metrics: list[dict[str, float]] = []
-                for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
-                    rows = mb_rows[micro]
-                    sub = batch.select(rows)
-                    logp, entropy = forward_logprobs(model, sub, with_entropy=True)
-                    loss, lm = policy_loss(
-                        logp, old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
-                        ref_logp=ref_logp[rows] if ref_logp is not None else None,
-                        entropy=entropy, kl_coef=beta,
-                    )
-                    loss.backward()
-                    if value_model is not None:
-                        values = value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
-                        vloss = knobs.value.vf_coef * clipped_value_loss(
-                            values, old_values[rows], returns[rows], mask[rows],
-                            knobs.value.value_clip, v_norm)
-                        vloss.backward()
-                        lm["value_loss"] = float(vloss.detach())
-                    micro_metrics.append(lm)
-                step_metrics = _combine_micro_metrics(micro_metrics)
-                all_reduce_gradients(params)  # data-parallel: summed = the full-batch gradient
-                step_metrics["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.optim.grad_clip)
-                if value_model is not None:
-                    all_reduce_gradients(value_params)
-                    clip_and_step(value_params, optimizers["value"], schedulers["value"],
-                                  config.optim.grad_clip)
-                per_step.append(step_metrics)
-        return {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
 
-    def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
-        t0 = time.perf_counter()
-        model.eval()
-        batch, rewards, recs, metrics = collect(step_index, generator)
-        t_gen = time.perf_counter()
-        metrics["time/generate_s"] = t_gen - t0
-        if any_rank(batch is None):  # data-parallel: all ranks skip if one has nothing to learn
-            metrics["sampling/skipped_step"] = 1.0
-            return reduce_metrics(metrics, weight=1.0)
-        batch = batch.to(device)
-        rewards = rewards.to(device)
-        mask = batch.completion_mask
-        lengths = mask.sum(dim=1)
-        metrics.update({
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/truncated_frac": float(batch.truncated.float().mean()),
-        })
-        metrics.update(getattr(reward_fn, "metrics", lambda: {})())
-        if task is not None:
-            # The task's verifier is the gold reward: next to a proxy reward (a reward model, a
-            # judge, a format bonus) it shows over-optimisation (reference 003).
-            metrics["task/accuracy"] = sum(task.reward(c, r) for c, r in zip(batch.completions, recs, strict=True)) / len(recs)
+def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, float]]:
+    """Reference log-probs, critic values, KL in the reward and advantages (core.score) of a
+    batch already on the policy's device. One update on fresh samples: the engine's behaviour
+    log-probs are the old log-probs."""
+    knobs, batch = run.knobs, rollouts.batch
+    mask = batch.completion_mask
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        old_logp = batch.behaviour_logprobs
+        ref_logp = forward_logprobs(run.ref_model, batch, knobs)[0] if run.ref_model is not None else None
+        beta = run.kl_ctl.value
+        if ref_logp is not None:
+            # kl/mean: k1 summed over each sequence (an unbiased sequence-KL estimate), averaged.
+            metrics["kl/mean"] = float(((old_logp - ref_logp) * mask).sum(dim=1).mean())
+            kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator)
+            metrics[f"kl/{knobs.loss.kl_estimator}_token_mean"] = float(masked_mean(kl_tokens, mask))
+        old_values = None
+        if run.value_model is not None:
+            old_values = run.value_model.values(batch.input_ids, batch.attention_mask, mask.shape[1])
+        # batch_mean / batch_whiten take the global batch's statistics when data-parallel.
+        scores = score_rollouts(
+            rollouts.rewards.to(mask.device), mask, batch.group_ids, knobs.advantage, knobs.loss,
+            behaviour_logp=old_logp, ref_logp=ref_logp, values=old_values, kl_coef=beta,
+            advantage_fn=functools.partial(global_advantages, knobs.advantage.estimator))
+    return Scored(old_logp, ref_logp, old_values, scores, beta), metrics
 
-        with torch.no_grad():
-            # One update on fresh samples: the engine's behaviour log-probs are the old log-probs.
-            old_logp = batch.behaviour_logprobs
-            ref_logp = forward_logprobs(ref_model, batch)[0] if ref_model is not None else None
-            token_rewards = place_on_last_token(rewards, mask)
-            beta = kl_ctl.value
-            if ref_logp is not None:
-                # kl/mean: k1 summed over each sequence (an unbiased sequence-KL estimate), averaged.
-                metrics["kl/mean"] = float(((old_logp - ref_logp) * mask).sum(dim=1).mean())
-                kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator)
-                metrics[f"kl/{knobs.loss.kl_estimator}_token_mean"] = float(masked_mean(kl_tokens, mask))
-                if knobs.loss.kl_placement.startswith("reward"):
-                    token_rewards = kl_in_reward(token_rewards, old_logp, ref_logp, mask, coef=beta,
-                                                 estimator=knobs.loss.kl_estimator,
-                                                 placement=knobs.loss.kl_placement)
-            old_values = None
-            if value_model is not None:
-                old_values = value_model.values(batch.input_ids, batch.attention_mask, mask.shape[1])
-            # batch_mean / batch_whiten take the global batch's statistics when data-parallel.
-            advantages, returns = global_advantages(
-                knobs.advantage.estimator, token_rewards, mask, batch.group_ids, old_values,
-                gamma=knobs.advantage.gamma, lam=knobs.advantage.lam,
-            )
-        t_score = time.perf_counter()
-        metrics["time/score_s"] = t_score - t_gen
 
-        model.train()
-        metrics.update(learn(batch, old_logp, ref_logp, advantages, returns, old_values, beta, generator))
-        if value_model is not None:
-            metrics["value/explained_variance"] = float(explained_variance(old_values, returns, mask))
-        t_learn = time.perf_counter()
-        metrics["time/learn_s"] = t_learn - t_score
-        n_tokens = float(mask.sum())
-        metrics["perf/tokens_per_s"] = n_tokens / max(t_learn - t0, 1e-9)
-        metrics = reduce_metrics(metrics, weight=float(mask.shape[0]))  # global values
+def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
+           generator: torch.Generator) -> dict[str, float]:
+    """epochs x minibatches optimiser steps on one rollout; each step's normaliser is computed
+    once over its rows (every data-parallel rank's), then its micro-batches (grad_accum) are
+    backpropagated separately. Returns the steps' mean metrics."""
+    knobs, config = run.knobs, run.config
+    sampling = knobs.sampling
+    mask = batch.completion_mask
+    advantages, returns = scored.scores.advantages, scored.scores.returns
+    loss_knobs = knobs.loss if scored.ref_logp is not None else _without_kl(knobs.loss)
+    per_step: list[dict[str, float]] = []
+    n = mask.shape[0]
+    for _epoch in range(sampling.epochs):
+        perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
+        for mb in split_microbatches(n, sampling.minibatches):
+            mb_rows = perm[mb]
+            normaliser = global_step_normaliser(mask[mb_rows], loss_knobs.aggregation,
+                                                loss_knobs.constant_normaliser)
+            v_norm = global_step_normaliser(mask[mb_rows], "token_mean")
+            micro_metrics: list[dict[str, float]] = []
+            for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
+                rows = mb_rows[micro]
+                sub = batch.select(rows)
+                logp, entropy = forward_logprobs(run.model, sub, knobs, with_entropy=True)
+                loss, lm = policy_loss(
+                    logp, scored.old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
+                    ref_logp=scored.ref_logp[rows] if scored.ref_logp is not None else None,
+                    entropy=entropy, kl_coef=scored.beta,
+                )
+                loss.backward()
+                if run.value_model is not None:
+                    values = run.value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
+                    vloss = knobs.value.vf_coef * clipped_value_loss(
+                        values, scored.old_values[rows], returns[rows], mask[rows],
+                        knobs.value.value_clip, v_norm)
+                    vloss.backward()
+                    lm["value_loss"] = float(vloss.detach())
+                micro_metrics.append(lm)
+            step_metrics = _combine_micro_metrics(micro_metrics)
+            all_reduce_gradients(run.params)  # data-parallel: summed = the full-batch gradient
+            step_metrics["grad_norm"] = clip_and_step(run.params, run.optimizers["policy"],
+                                                      run.schedulers["policy"], config.optim.grad_clip)
+            if run.value_model is not None:
+                all_reduce_gradients(run.value_params)
+                clip_and_step(run.value_params, run.optimizers["value"], run.schedulers["value"],
+                              config.optim.grad_clip)
+            per_step.append(step_metrics)
+    return {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
 
-        if uses_kl and knobs.kl_control.adaptive and "kl/mean" in metrics:
-            kl_ctl.update(metrics["kl/mean"], int(all_reduce_sum(float(mask.shape[0]))))
-        metrics["kl/coef"] = kl_ctl.value
-        reset = knobs.kl_control.ref_reset_every
-        if ref_model is not None and reset > 0 and (step_index + 1) % reset == 0:
-            ref_model.load_state_dict(model.state_dict())
-            metrics["kl/ref_reset"] = 1.0
-        engine.sync(model)
-        return metrics
 
-    evaluate = task_evaluator(config, model, tokenizer, task, max_new_tokens=sampling.max_new_tokens)
+def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> dict[str, float]:
+    """collect -> score -> update -> KL control and engine sync: one step of every preset."""
+    t0 = time.perf_counter()
+    run.model.eval()
+    collected = collect(run, step_index, generator)
+    metrics = dict(collected.metrics)
+    t_gen = time.perf_counter()
+    metrics["time/generate_s"] = t_gen - t0
+    metrics.update(run.sampler.reward_metrics())
+    if any_rank(collected.rollouts is None):  # data-parallel: all ranks skip if one has nothing
+        metrics["sampling/skipped_step"] = 1.0
+        return reduce_metrics(metrics, weight=1.0)
+    device = run.model.device
+    rollouts = collected.rollouts
+    rollouts = ScoredRollouts(rollouts.batch.to(device), rollouts.rewards.to(device), rollouts.records)
+    batch = rollouts.batch
+    mask = batch.completion_mask
+    lengths = mask.sum(dim=1)
+    metrics.update({
+        "reward/kept_mean": float(rollouts.rewards.mean()),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": float(batch.truncated.float().mean()),
+    })
+    if run.task is not None:
+        # The task's verifier is the gold reward: next to a proxy reward (a reward model, a
+        # judge, a format bonus) it shows over-optimisation (reference 003).
+        metrics["task/accuracy"] = sum(run.task.reward(c, r) for c, r in
+                                       zip(batch.completions, rollouts.records, strict=True)) / len(rollouts.records)
+    scored, score_metrics = score(run, rollouts)
+    metrics.update(score_metrics)
+    t_score = time.perf_counter()
+    metrics["time/score_s"] = t_score - t_gen
 
-    return LoopSpec(
-        models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
-        step=step, evaluate=evaluate,
-        get_state=lambda: {"kl_controller": kl_ctl.state_dict()},
-        set_state=lambda s: kl_ctl.load_state_dict(s["kl_controller"]) if "kl_controller" in s else None,
-        data_parallel=True,
-    )
+    run.model.train()
+    metrics.update(update(run, batch, scored, generator))
+    if run.value_model is not None:
+        metrics["value/explained_variance"] = float(explained_variance(
+            scored.old_values, scored.scores.returns, mask))
+    t_learn = time.perf_counter()
+    metrics["time/learn_s"] = t_learn - t_score
+    metrics["perf/tokens_per_s"] = float(mask.sum()) / max(t_learn - t0, 1e-9)
+    metrics = reduce_metrics(metrics, weight=float(mask.shape[0]))  # global values
+
+    knobs = run.knobs
+    if run.ref_model is not None and knobs.kl_control.adaptive and "kl/mean" in metrics:
+        run.kl_ctl.update(metrics["kl/mean"], int(all_reduce_sum(float(mask.shape[0]))))
+    metrics["kl/coef"] = run.kl_ctl.value
+    reset = knobs.kl_control.ref_reset_every
+    if run.ref_model is not None and reset > 0 and (step_index + 1) % reset == 0:
+        run.ref_model.load_state_dict(run.model.state_dict())
+        metrics["kl/ref_reset"] = 1.0
+    run.sampler.sync(run.model)
+    return metrics
 
 
 def _check_data_parallel(config, sampling) -> None:

@@ -17,6 +17,7 @@ falling `logps/chosen` is DPO's likelihood displacement (../shared/reference/003
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -55,10 +56,12 @@ SUMMARY_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "eval/rewards/accu
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Run the preference loop to `config.max_steps`; returns the run folder."""
-    return run_loop(config, build_preference, resume=resume, quiet=quiet,
-                    summary_keys=SUMMARY_KEYS)
+def train(config, *, resume: bool = False, quiet: bool = False, reward_fn=None) -> Path:
+    """Run the preference loop to `config.max_steps`; returns the run folder.
+    reward_fn: online DPO's reward, ``fn(prompts, completions, records) -> list[float]``."""
+    build = build_preference if reward_fn is None else functools.partial(build_preference, reward_fn=reward_fn)
+    return run_loop(config, build,
+                    resume=resume, quiet=quiet, summary_keys=SUMMARY_KEYS)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -339,30 +342,22 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
 
 
 def _online_data(config, model, tokenizer, task, reward_fn):
-    """(step_data, engine) for online DPO; step_data(step, generator) -> (pairs, indices of all
+    """(step_data, sampler) for online DPO; step_data(step, generator) -> (pairs, indices of all
     pairs, sampling metrics), drawing the prompts and the sampling seed from `generator`."""
-    from psirl.data.templates import render_prompt
-    from psirl.rollout.hf_engine import HFEngine
     from psirl.train.preference_online import sample_online_pairs
-    from psirl.train.setup import load_prompt_records
+    from psirl.train.setup import build_sampler, load_prompt_records
 
-    if reward_fn is None:
-        from psirl.train.rewards import build_reward
-
-        reward_fn = build_reward(config, task)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
     records = load_prompt_records(config, task)
-    texts = [render_prompt(tokenizer, r["prompt"], chat=config.data.chat) for r in records]
-    engine = HFEngine(model, tokenizer)
     pcfg = config.preference
 
     def step_data(step_index, generator):
         order = torch.randperm(len(records), generator=generator)[: config.optim.batch_size]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        chosen = order.tolist()
         pairs, metrics = sample_online_pairs(
-            engine, [records[i] for i in chosen], [texts[i] for i in chosen], reward_fn,
+            sampler, [records[i] for i in order.tolist()],
             samples_per_prompt=pcfg.samples_per_prompt, temperature=pcfg.temperature,
             max_new_tokens=pcfg.max_new_tokens, seed=seed)
         return pairs, list(range(len(pairs["prompt"]))), metrics
 
-    return step_data, engine
+    return step_data, sampler

@@ -13,8 +13,6 @@ preferences (sampled and labeled during training)"), ../shared/reference/001_dd5
 
 from __future__ import annotations
 
-import torch
-
 from psirl.core.preference import best_worst_pairs
 from psirl.rollout.batch import RolloutBatch, SamplingParams
 
@@ -29,10 +27,8 @@ def row_token_ids(batch: RolloutBatch, row: int) -> tuple[list[int], list[int]]:
 
 
 def sample_online_pairs(
-    engine,
+    sampler,
     records: list[dict],
-    prompt_texts: list[str],
-    reward_fn,
     *,
     samples_per_prompt: int,
     temperature: float,
@@ -41,18 +37,16 @@ def sample_online_pairs(
 ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
     """Sample, score and pair. Returns (pairs, metrics).
 
-    records[i]: the prompt record of prompt i (passed to the reward); prompt_texts[i]: its text as
-    the policy sees it. pairs: {"prompt", "chosen", "rejected"} -> lists of token-id lists (one
-    entry per prompt whose samples are not all tied). Completions that are empty after masking
-    (cannot happen with EOS kept) are skipped. metrics: reward/mean, reward/std, online/pairs,
-    online/tied_prompts.
+    sampler: the run's rollout layer (psirl.rollout.Sampler: renders records[i]["prompt"],
+    generates, scores with the run's reward). pairs: {"prompt", "chosen", "rejected"} -> lists
+    of token-id lists (one entry per prompt whose samples are not all tied). Completions that are
+    empty after masking (cannot happen with EOS kept) are skipped. metrics: reward/mean,
+    reward/std, online/pairs, online/tied_prompts.
     """
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                             n=samples_per_prompt, seed=seed)
-    batch = engine.generate(prompt_texts, params)
-    per_sample = [records[int(g)] for g in batch.group_ids]
-    rewards = torch.tensor(reward_fn(batch.prompts, batch.completions, per_sample),
-                           dtype=torch.float32)
+    rollouts = sampler.sample(records, params)
+    batch, rewards = rollouts.batch, rollouts.rewards
     chosen_rows, rejected_rows = best_worst_pairs(rewards, batch.group_ids)
     pairs: dict[str, list[list[int]]] = {"prompt": [], "chosen": [], "rejected": []}
     for c, r in zip(chosen_rows.tolist(), rejected_rows.tolist(), strict=True):
@@ -66,6 +60,6 @@ def sample_online_pairs(
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "online/pairs": float(len(pairs["prompt"])),
-        "online/tied_prompts": float(len(prompt_texts) - chosen_rows.numel()),
+        "online/tied_prompts": float(len(records) - chosen_rows.numel()),
     }
     return pairs, metrics

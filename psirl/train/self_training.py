@@ -19,6 +19,7 @@ loop", "STaR, ReST, RAFT").
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -29,10 +30,11 @@ from psirl.train.base import LoopSpec, build_optimizer, build_scheduler, run_loo
 SUMMARY_KEYS = ("loss", "reward/mean", "self_training/kept", "eval/accuracy_greedy")
 
 
-def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Run STaR / ReST / RAFT (`self_training.method`) to `config.max_steps`; returns the run folder."""
-    return run_loop(config, build_self_training, resume=resume, quiet=quiet,
-                    summary_keys=SUMMARY_KEYS)
+def train(config, *, resume: bool = False, quiet: bool = False, reward_fn=None) -> Path:
+    """Run STaR / ReST / RAFT (`self_training.method`) to `config.max_steps`; returns the run
+    folder. reward_fn: your own ``fn(prompts, completions, records) -> list[float]``."""
+    build = build_self_training if reward_fn is None else functools.partial(build_self_training, reward_fn=reward_fn)
+    return run_loop(config, build, resume=resume, quiet=quiet, summary_keys=SUMMARY_KEYS)
 
 
 def select_samples(method: str, rewards: torch.Tensor, group_ids: torch.Tensor, *,
@@ -66,38 +68,50 @@ def step_threshold(st, position: int) -> float:
     return st.reward_threshold
 
 
-def _samples_of(batch, rewards: list[float], prompt_ids: list[list[int]], prompt_rows: list[int],
+def _samples_of(rollouts, prompt_ids: list[list[int]], groups: list[int],
                 rationalised: bool) -> list[dict]:
-    """One JSON-able dict per sampled row: prompt/completion ids, reward, group, rationalised."""
+    """One JSON-able dict per sampled row: prompt/completion ids, reward, group, rationalised.
+    prompt_ids[g] / groups[g]: the ids trained on and the round's prompt number of the batch's
+    group g."""
+    batch = rollouts.batch
     out = []
     for row in range(len(batch)):
         g = int(batch.group_ids[row])
         completion = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
         out.append({"prompt_ids": prompt_ids[g], "completion_ids": completion,
-                    "reward": float(rewards[row]), "group": prompt_rows[g],
+                    "reward": float(rollouts.rewards[row]), "group": groups[g],
                     "rationalised": rationalised})
     return out
 
 
-def grow(engine, records: list[dict], texts: list[str], reward_fn, st, seed: int):
+def _group_prompt_ids(batch) -> list[list[int]]:
+    """The prompt ids the engine encoded for each group (its first row), without padding."""
+    from psirl.train.preference_online import row_token_ids
+
+    first: dict[int, int] = {}
+    for row, g in enumerate(batch.group_ids.tolist()):
+        first.setdefault(g, row)
+    return [row_token_ids(batch, first[g])[0] for g in range(len(first))]
+
+
+def grow(sampler, records: list[dict], st, seed: int):
     """Sample and score one round. Returns (samples, metrics).
 
-    records / texts: the round's prompt records and their rendered prompt texts; groups are
-    numbered 0..len(records)-1. STaR with `rationalize`: the prompts none of whose samples
-    reach reward_threshold are re-sampled from `hint_template` (needs record["answer"]); the
-    rationales are scored against the original prompt and record, and stored with the original
-    prompt's ids so SFT trains on them WITHOUT the hint.
+    records: the round's prompt records; groups are numbered 0..len(records)-1. STaR with
+    `rationalize`: the prompts none of whose samples reach reward_threshold are re-sampled from
+    `hint_template` (needs record["answer"]); the rationales are scored against the original
+    prompt and record, and stored with the original prompt's ids so SFT trains on them WITHOUT
+    the hint.
     """
     from psirl.rollout.batch import SamplingParams
+    from psirl.rollout.sampler import ScoredRollouts
 
     params = SamplingParams(temperature=st.temperature, max_new_tokens=st.max_new_tokens,
                             n=st.samples_per_prompt, seed=seed)
-    prompt_ids = engine.encode_prompts(texts)
-    batch = engine.generate(texts, params)
-    recs = [records[int(g)] for g in batch.group_ids]
-    rewards = reward_fn([texts[int(g)] for g in batch.group_ids], batch.completions, recs)
-    samples = _samples_of(batch, rewards, prompt_ids, list(range(len(records))), False)
-    metrics = {"reward/mean": sum(rewards) / len(rewards)}
+    rollouts = sampler.sample(records, params)
+    prompt_ids = _group_prompt_ids(rollouts.batch)
+    samples = _samples_of(rollouts, prompt_ids, list(range(len(records))), False)
+    metrics = {"reward/mean": float(rollouts.rewards.mean())}
     if st.method == "star" and st.rationalize:
         solved = {s["group"] for s in samples if s["reward"] >= st.reward_threshold}
         failed = [g for g in range(len(records)) if g not in solved]
@@ -107,36 +121,31 @@ def grow(engine, records: list[dict], texts: list[str], reward_fn, st, seed: int
                 if "answer" not in records[g]:
                     raise ValueError(f"self_training.rationalize: prompt record {g} has no "
                                      f"'answer' field to use as the hint")
-            hinted = [st.hint_template.format(prompt=texts[g], answer=records[g]["answer"])
-                      for g in failed]
-            hint_batch = engine.generate(hinted, params)
-            originals = [failed[int(g)] for g in hint_batch.group_ids]
-            hint_rewards = reward_fn([texts[g] for g in originals], hint_batch.completions,
-                                     [records[g] for g in originals])
-            samples += _samples_of(hint_batch, hint_rewards, [prompt_ids[g] for g in failed],
-                                   failed, True)
+            texts = sampler.render([records[g] for g in failed])
+            hinted = [st.hint_template.format(prompt=t, answer=records[g]["answer"])
+                      for t, g in zip(texts, failed, strict=True)]
+            hint_batch, per_row = sampler.generate([records[g] for g in failed], params,
+                                                   texts=hinted)
+            # Scored against the original (un-hinted) prompt text and record.
+            originals = [texts[int(g)] for g in hint_batch.group_ids]
+            hint_rewards = sampler.score(originals, hint_batch.completions, per_row)
+            samples += _samples_of(ScoredRollouts(hint_batch, hint_rewards, per_row),
+                                   [prompt_ids[g] for g in failed], failed, True)
     return samples, metrics
 
 
 def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     """The LoopSpec of STaR / ReST / RAFT. reward_fn: defaults to `build_reward(config, task)`."""
-    from psirl.data.templates import render_prompt
-    from psirl.rollout.hf_engine import HFEngine
     from psirl.train.evaluation import task_evaluator
-    from psirl.train.setup import build_policy, build_task, load_prompt_records
+    from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
     from psirl.train.sft import epoch_batch_indices
     from psirl.train.sft_update import sft_update
 
     st, optim = config.self_training, config.optim
     model, tokenizer = build_policy(config, run_dir)
     task = build_task(config)
-    if reward_fn is None:
-        from psirl.train.rewards import build_reward
-
-        reward_fn = build_reward(config, task)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
     records = load_prompt_records(config, task)
-    texts = [render_prompt(tokenizer, r["prompt"], chat=config.data.chat) for r in records]
-    engine = HFEngine(model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, config.max_steps)
@@ -148,8 +157,7 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         if state["round"] != round_index:
             rows = epoch_batch_indices(len(records), optim.batch_size, round_index, config.seed)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            samples, grow_metrics = grow(engine, [records[i] for i in rows],
-                                         [texts[i] for i in rows], reward_fn, st, seed)
+            samples, grow_metrics = grow(sampler, [records[i] for i in rows], st, seed)
             state.update(round=round_index, samples=samples, grow_metrics=grow_metrics)
         samples = state["samples"]
         threshold = step_threshold(st, position)
@@ -171,7 +179,7 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         })
         if st.method == "star":
             metrics["star/rationalised_kept"] = float(sum(s["rationalised"] for s in kept))
-        engine.sync(model)
+        sampler.sync(model)
         return metrics
 
     evaluate = task_evaluator(config, model, tokenizer, task)

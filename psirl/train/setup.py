@@ -127,3 +127,18 @@ def load_prompt_records(config, task) -> list[dict]:
     if task is None:
         raise ValueError("data: this loop needs prompts: set data.task or data.train_path")
     return task.make(config.data.n_train, seed=config.seed)
+
+
+def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score: bool = True):
+    """The run's rollout layer: the configured engine (`rollout.engine`) over `model`, prompts
+    rendered by the `data.chat` rule, and the configured reward (or the Python `reward_fn`).
+    score=False builds no reward (a loop that only generates)."""
+    from psirl.rollout.build import build_engine
+    from psirl.rollout.sampler import Sampler
+
+    fn = None
+    if score:
+        from psirl.train.rewards import build_reward
+
+        fn = build_reward(config, task, tokenizer, reward_fn=reward_fn)
+    return Sampler(build_engine(config, model, tokenizer), tokenizer, fn, chat=config.data.chat)

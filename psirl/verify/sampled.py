@@ -61,9 +61,8 @@ from torch import Tensor
 
 from psirl.core.advantages import ADVANTAGE_ESTIMATORS
 from psirl.core.aggregate import step_normaliser
-from psirl.core.kl import kl_in_reward
-from psirl.core.masking import place_on_last_token
 from psirl.core.objective import policy_loss
+from psirl.core.score import REWARD_PLACEMENTS, reward_tokens, score_rollouts
 from psirl.verify.exact import (
     TabularProblem,
     exact_gradient,
@@ -93,7 +92,6 @@ __all__ = [
 BATCH_LEVEL_ESTIMATORS = frozenset({"batch_mean", "batch_whiten"})
 """Estimators whose baseline is a statistic of the whole batch (called once per batch)."""
 
-REWARD_PLACEMENTS = frozenset({"reward_token", "reward_sequence"})
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -224,18 +222,8 @@ def build_token_rewards(
     rewards [B]; mask, logp, ref_logp [B, H]. Returns [B, H] float64.
     Reference: ../shared/reference/001 (KL in the reward), 000 (REINFORCE++ token-level KL).
     """
-    token_rewards = place_on_last_token(rewards.to(torch.float64), mask)
-    if loss_knobs.kl_placement in REWARD_PLACEMENTS and loss_knobs.kl_coef != 0.0:
-        token_rewards = kl_in_reward(
-            token_rewards,
-            logp.detach(),
-            ref_logp.detach(),
-            mask,
-            coef=float(loss_knobs.kl_coef),
-            estimator=loss_knobs.kl_estimator,
-            placement=loss_knobs.kl_placement,
-        )
-    return token_rewards
+    return reward_tokens(rewards.to(torch.float64), mask, loss_knobs, behaviour_logp=logp,
+                         ref_logp=ref_logp)
 
 
 def exact_critic(problem: TabularProblem, loss_knobs: Any) -> Tensor:
@@ -273,26 +261,28 @@ def _advantages(
     fn: Callable[..., tuple[Tensor, Tensor]],
     batch_level: bool,
     batches: SampledBatches,
-    token_rewards: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
     values: Tensor | None,
-    adv_knobs: Any,
+    knobs: Any,
 ) -> Tensor:
-    kwargs = {
-        "gamma": float(adv_knobs.gamma),
-        "lam": float(adv_knobs.lam),
-        "eps": float(getattr(adv_knobs, "eps", 1e-6)),
-    }
+    """Advantages of every batch by the online loop's own score stage (core.score.score_rollouts),
+    one call per batch m when the estimator's baseline is a batch statistic."""
+    rewards = batches.rewards.to(torch.float64)
+
+    def score(rows: slice) -> Tensor:
+        v = None if values is None else values[rows]
+        return score_rollouts(rewards[rows], batches.mask[rows], batches.group_ids[rows],
+                              knobs.advantage, knobs.loss, behaviour_logp=logp[rows],
+                              ref_logp=ref_logp[rows], values=v, advantage_fn=fn).advantages
+
     if not batch_level:
-        adv, _ = fn(token_rewards, batches.mask, batches.group_ids, values, **kwargs)
-        return adv
+        return score(slice(None))
     b = batches.batch_size
-    out = torch.empty_like(token_rewards)
+    out = torch.empty_like(batches.mask, dtype=torch.float64)
     for m in range(batches.n_batches):
         rows = slice(m * b, (m + 1) * b)
-        v = None if values is None else values[rows]
-        out[rows], _ = fn(
-            token_rewards[rows], batches.mask[rows], batches.group_ids[rows], v, **kwargs
-        )
+        out[rows] = score(rows)
     return out
 
 
@@ -340,14 +330,13 @@ def per_batch_gradients(
     logp = pol.token_logprobs(theta_rep, batches.prompt_ids, batches.tokens, mask, batches.batch_ids)
     with torch.no_grad():
         ref_logp = pol.token_logprobs(problem.ref_theta, batches.prompt_ids, batches.tokens, mask)
-    token_rewards = build_token_rewards(batches.rewards, mask, logp, ref_logp, loss_knobs)
 
     values = None
     if critic is not None:
         values = critic[pol.prefix_ids(batches.prompt_ids, batches.tokens)] * mask
     elif estimator == "gae" and advantage_fn is ADVANTAGE_ESTIMATORS.get("gae"):
         raise ValueError("estimator 'gae' needs a critic [n_prefixes] (see exact_critic)")
-    adv = _advantages(advantage_fn, batch_level, batches, token_rewards, values, knobs.advantage)
+    adv = _advantages(advantage_fn, batch_level, batches, logp, ref_logp, values, knobs)
 
     mode = loss_knobs.aggregation
     constant = getattr(loss_knobs, "constant_normaliser", None)
