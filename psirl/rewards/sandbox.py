@@ -203,6 +203,7 @@ class _Runtime:
     executable: str
     binds: tuple[str, ...]  # host paths bound read-only at the same path
     symlinks: tuple[tuple[str, str], ...]  # (target, link) created in the sandbox
+    masked: tuple[str, ...]  # folders inside the binds hidden by an empty read-only tmpfs
 
 
 def _covered(path: str, by: list[str]) -> bool:
@@ -220,16 +221,22 @@ def _python_runtime() -> _Runtime:
             symlinks.append((os.readlink(lib_dir), lib_dir))
         elif os.path.isdir(lib_dir):
             binds.append(lib_dir)
-    wanted = [executable]
-    for key in ("stdlib", "platstdlib"):
-        wanted.append(os.path.realpath(sysconfig.get_paths()[key]))
+    # the stdlib of the BASE interpreter (sysconfig's platstdlib points into a venv)
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    wanted = [executable, stdlib]
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload:
+        wanted.append(os.path.realpath(dynload))
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED"):
         wanted += sorted({os.path.realpath(p) for p in glob(os.path.join(libdir, "libpython*.so*"))})
     for path in wanted:
         if os.path.exists(path) and not _covered(path, binds):
             binds.append(path)
-    return _Runtime(executable, tuple(binds), tuple(symlinks))
+    masked = sorted({
+        os.path.realpath(p) for p in glob(os.path.join(stdlib, "*-packages")) if os.path.isdir(p)
+    })
+    return _Runtime(executable, tuple(binds), tuple(symlinks), tuple(masked))
 
 
 def _others_can_read(path: str) -> bool:
@@ -260,7 +267,7 @@ def _harness_source() -> str:
     return HARNESS.read_text()
 
 
-def _bwrap_command(limits: SandboxLimits) -> tuple[list[str], int | None]:
+def _bwrap_command(limits: SandboxLimits, info_fd: int) -> tuple[list[str], int | None]:
     """(argv, host uid of the sandbox or None for the trainer's own uid)."""
     runtime = _python_runtime()
     bwrap = shutil.which("bwrap") or "bwrap"
@@ -280,10 +287,12 @@ def _bwrap_command(limits: SandboxLimits) -> tuple[list[str], int | None]:
         mounts += ["--ro-bind", source, path]
     for target, link in runtime.symlinks:
         mounts += ["--symlink", target, link]
+    for path in runtime.masked:  # the base interpreter's site-packages: not the runtime
+        mounts += ["--tmpfs", path, "--remount-ro", path]
     sandbox = [
         bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
         "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID),
-        "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        "--die-with-parent", "--new-session", "--hostname", "sandbox", "--info-fd", str(info_fd),
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
         "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
         *mounts,
@@ -389,6 +398,34 @@ def _communicate(
     return bytes(out), bytes(err), timed_out, overflow
 
 
+def _wait_namespace_gone(info_fd: int, timeout_s: float = 5.0) -> None:
+    """Wait until bwrap's PID 1 (host pid from --info-fd) has exited, i.e. the kernel has killed
+    every process of the sandbox's PID namespace; killing bwrap only starts that teardown."""
+    os.set_blocking(info_fd, False)
+    try:
+        info = json.loads(os.read(info_fd, 4096) or b"{}")
+        pid = int(info.get("child-pid", 0))
+    except (OSError, ValueError, TypeError):
+        return
+    if pid <= 0:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.005)
+    logger.warning("sandbox: PID namespace of pid %d still alive %.0f s after the kill", pid,
+                   timeout_s)
+
+
 def _parse(raw: bytes, n_probes: int) -> tuple[tuple[ProbeValue | None, ...], str | None]:
     values: list[ProbeValue | None] = [None] * n_probes
     program_error = None
@@ -440,14 +477,16 @@ def _run(
         },
     }).encode()
     scratch = None
+    info_read, info_write = os.pipe()
     if weak:
         command, host_uid = _weak_command(), None
         scratch = tempfile.mkdtemp(prefix="psirl-sandbox-")
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
     else:
-        command, host_uid = _bwrap_command(limits)
+        command, host_uid = _bwrap_command(limits, info_write)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     started = time.monotonic()
+    deadline = started + limits.wall_time_s
     try:
         process = subprocess.Popen(
             command,
@@ -458,11 +497,20 @@ def _run(
             env=env,
             start_new_session=True,
             close_fds=True,
+            pass_fds=() if weak else (info_write,),
         )
+        os.close(info_write)
+        info_write = -1
         try:
             out, err, timed_out, overflow = _communicate(
-                process, payload, started + limits.wall_time_s, limits.max_output_kb << 10
+                process, payload, deadline, limits.max_output_kb << 10
             )
+            if not (timed_out or overflow):
+                # EOF: normally everything exited; a program that closed its fds may still run
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
         finally:
             try:
                 os.killpg(process.pid, signal.SIGKILL)  # bwrap's end ends every process inside
@@ -472,7 +520,11 @@ def _run(
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream and not stream.closed:
                     stream.close()
+            _wait_namespace_gone(info_read)
     finally:
+        os.close(info_read)
+        if info_write >= 0:
+            os.close(info_write)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     values, program_error = _parse(b"" if overflow else out, len(probes))
