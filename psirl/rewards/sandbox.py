@@ -35,8 +35,10 @@ If bubblewrap is missing or cannot create namespaces here, ``run_in_sandbox`` re
 the same rlimits, a cleared environment and a temporary working dir, but WITHOUT namespaces
 (the program can read files, reach the network and signal processes of the trainer's user).
 
-Measured start overhead (bubblewrap, root, trivial program, median of 20 runs, 2-core machine
-shared with other jobs): see ``measure_overhead`` and README ("Sandbox").
+Cost of one run of a trivial program, start to teardown, median of 20 (``measure_overhead``,
+run as ``python -c "from psirl.rewards.sandbox import measure_overhead as m; print(m())"``):
+130 ms under bubblewrap as root, 74 ms for the same harness without namespaces, on a 2-core
+machine at load ~11 (other jobs running).
 """
 
 from __future__ import annotations
