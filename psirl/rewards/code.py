@@ -146,6 +146,8 @@ def _binop(op: ast.operator, left: Any, right: Any) -> Any:
         raise ValueError("power too large")
     if kind is ast.LShift and type(right) is int and right > _MAX_SIZE:
         raise ValueError("shift too large")
+    if kind is ast.Mod and type(left) in (str, bytes):
+        raise ValueError("%-formatting is not evaluated (its width could be huge)")
     if kind is ast.Mult:
         for seq, n in ((left, right), (right, left)):
             if type(n) is int and type(seq) in (str, bytes, list, tuple) and len(seq) * n > _MAX_SIZE:
@@ -175,12 +177,16 @@ def _bind(target: ast.expr, value: Any, env: dict[str, Any]) -> None:
 def _comprehension_items(generators: list[ast.comprehension], env: dict[str, Any]):
     """Environments of every iteration of ``for ... in ... if ...`` clauses (capped)."""
     envs = [dict(env)]
+    steps = 0
     for generator in generators:
         if generator.is_async:
             raise _Unsupported("async comprehension")
         next_envs = []
         for scope in envs:
             for item in _check_iterable(_teval(generator.iter, scope)):
+                steps += 1
+                if steps > _MAX_SIZE:
+                    raise ValueError("comprehension runs too long")
                 inner = dict(scope)
                 _bind(generator.target, item, inner)
                 if all(_teval(cond, inner) for cond in generator.ifs):
@@ -344,6 +350,7 @@ class _Compiler:
         self.out = CompiledTests()
         self._probe_index: dict[str, int] = {}
         self._counter = 0
+        self.steps = 0
 
     # -- helpers
     def fail(self, message: str, node: ast.AST | None = None) -> _TestError:
@@ -486,6 +493,10 @@ class _Compiler:
             self.statement(stmt, scope, aliases, functions, checks)
 
     def statement(self, stmt: ast.stmt, scope, aliases, functions, checks) -> None:
+        self.steps += 1
+        if self.steps > _MAX_UNROLL * 10:
+            raise self.fail(f"more than {_MAX_UNROLL * 10} statements after unrolling loops",
+                            stmt)
         if isinstance(stmt, ast.Assert):
             checks.append(self.expr(self._substitute(stmt.test, aliases), scope))
         elif isinstance(stmt, ast.Pass) or (
@@ -679,6 +690,13 @@ class CodeTestsReward:
         entry_point = self._field(record, index, self.entry_point_key)
         return compile_tests(list(tests), entry_point, f"records[{index}]: field "
                                                        f"'{self.tests_key}'")
+
+    def validate(self, records: list[dict[str, Any]]) -> None:
+        """Raise the first ValueError a record's tests would give (call once before a run:
+        inside the training loop SafeReward would turn it into fallback rewards)."""
+        for index, record in enumerate(records):
+            self._compiled(record, index)
+            self._field(record, index, self.prefix_key)
 
     def __call__(
         self, prompts: list[str], completions: list[str], records: list[dict[str, Any]]

@@ -400,16 +400,27 @@ def _communicate(
     return bytes(out), bytes(err), timed_out, overflow
 
 
-def _wait_namespace_gone(info_fd: int, timeout_s: float = 5.0) -> None:
+def _wait_namespace_gone(info_fd: int, host_uid: int | None, timeout_s: float = 5.0) -> None:
     """Wait until bwrap's PID 1 (host pid from --info-fd) has exited, i.e. the kernel has killed
-    every process of the sandbox's PID namespace; killing bwrap only starts that teardown."""
+    every process of the sandbox's PID namespace; killing bwrap only starts that teardown.
+
+    The sandbox never holds the info fd (bwrap keeps it), and the pid is killed only if it runs
+    as the sandbox's host uid, so a forged pid could not make the trainer kill anything else.
+    """
     os.set_blocking(info_fd, False)
     try:
-        info = json.loads(os.read(info_fd, 4096) or b"{}")
+        info, _ = json.JSONDecoder().raw_decode((os.read(info_fd, 4096) or b"{}").decode())
         pid = int(info.get("child-pid", 0))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return
     if pid <= 0:
+        return
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = int(status.split("\nUid:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return
+    if uid != (os.getuid() if host_uid is None else host_uid):
         return
     try:
         os.kill(pid, signal.SIGKILL)
@@ -522,7 +533,7 @@ def _run(
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream and not stream.closed:
                     stream.close()
-            _wait_namespace_gone(info_read)
+            _wait_namespace_gone(info_read, host_uid)
     finally:
         os.close(info_read)
         if info_write >= 0:

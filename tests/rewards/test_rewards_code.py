@@ -111,6 +111,24 @@ def test_trusted_evaluator_refuses_to_build_huge_values():
     assert compiled.grade((V(True, 3), V(True, 10 ** 12))) == [False, False]
 
 
+def test_test_sources_that_would_run_forever_in_the_trainer_are_refused():
+    with pytest.raises(ValueError, match="runs too long|raises"):
+        compile_tests(["assert f(1) == [x for x in range(10**6) for y in range(10**6) if 0]"])
+    with pytest.raises(ValueError, match="statements after unrolling"):
+        compile_tests(["for i in range(10000):\n    for j in range(10000):\n"
+                       "        assert f(i) == j"])
+
+
+def test_validate_reports_the_first_bad_record():
+    reward = CodeTestsReward.__new__(CodeTestsReward)
+    reward.tests_key, reward.prefix_key, reward.entry_point_key = "tests", "prefix", "entry_point"
+    records = [{"tests": ["assert f(1) == 1"]}, {"tests": ["def check(c):\n    assert c(1)"]}]
+    with pytest.raises(ValueError, match=r"records\[1\]: field 'tests' \(test 0\): defines "):
+        reward.validate(records)
+    with pytest.raises(ValueError, match=r"records\[0\]: field 'prefix': expected a string"):
+        reward.validate([{"tests": ["assert f(1)"], "prefix": 3}])
+
+
 def test_tagged_values_round_trip_exactly():
     values = [None, True, 3, -2.5, "s", [1, (2, 3)], {"a": {1, 2}}, {(1, 2): b"\x00"},
               float("inf")]
