@@ -22,7 +22,9 @@ expected values, ``==``, ``not``, ``and``, ``abs``, ``type(x) is int``, ``isinst
 
 Supported test sources: ``assert`` statements (any message ignored), assignments and ``for``
 loops over values computable without the program (unrolled), ``if`` on such values,
-``import math`` / ``from solution import ...`` (no-ops), docstrings, and functions such as
+``import math`` / ``from solution import ...`` / ``print(...)`` (no-ops), ``import random`` (a
+``random.Random(0)`` evaluated in the trainer: the same cases every time), docstrings, and
+functions such as
 HumanEval's ``def check(candidate): ...`` when the source calls them (``check(add)``, or
 ``check(entry_point)`` meaning the record's entry point). Anything else -- a function defined and
 never called, a helper of the test used inside an assert, a ``while`` loop, a print -- is a
@@ -38,6 +40,7 @@ import json
 import math
 import operator
 import os
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -111,6 +114,7 @@ _METHODS = frozenset({
     "splitlines", "casefold", "copy", "is_integer", "union", "intersection", "difference",
     "issubset", "issuperset", "symmetric_difference",
 })
+_RANDOM_FUNCTIONS = frozenset({"randint", "choice", "random", "uniform", "randrange"})
 _METHOD_RECEIVERS = (str, bytes, list, tuple, dict, set, frozenset, int, float)
 _TRUSTED_NAMES = frozenset(_TRUSTED_FUNCTIONS) | {"math"}
 _BINOPS = {
@@ -259,6 +263,8 @@ def _teval(node: ast.expr, env: dict[str, Any]) -> Any:
                 return _MATH[node.attr]
             raise _Unsupported(f"math.{node.attr}")
         receiver = _teval(node.value, env)
+        if type(receiver) is random.Random and node.attr in _RANDOM_FUNCTIONS:
+            return getattr(receiver, node.attr)
         if node.attr not in _METHODS or type(receiver) not in _METHOD_RECEIVERS:
             raise _Unsupported(f"attribute .{node.attr}")
         return getattr(receiver, node.attr)
@@ -351,6 +357,7 @@ class _Compiler:
         self._probe_index: dict[str, int] = {}
         self._counter = 0
         self.steps = 0
+        self.rng = random.Random(0)
 
     # -- helpers
     def fail(self, message: str, node: ast.AST | None = None) -> _TestError:
@@ -506,6 +513,21 @@ class _Compiler:
         elif isinstance(stmt, ast.Import) and all(a.name == "math" and a.asname is None
                                                   for a in stmt.names):
             return
+        elif isinstance(stmt, ast.Import) and [(a.name, a.asname) for a in stmt.names] == [
+            ("random", None)
+        ]:
+            scope["random"] = self.rng  # seeded: the same cases at every compile
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module == "random" and all(
+            a.name in _RANDOM_FUNCTIONS for a in stmt.names
+        ):
+            for alias in stmt.names:
+                scope[alias.asname or alias.name] = getattr(self.rng, alias.name)
+        elif isinstance(stmt, ast.Expr) and "print" not in functions and (
+            (isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name)
+             and stmt.value.func.id == "print")
+            or (isinstance(stmt.value, ast.Name) and stmt.value.id == "print")
+        ):
+            return  # a test's progress output: nothing to check
         elif isinstance(stmt, ast.ImportFrom) and stmt.module == "solution":
             return
         elif isinstance(stmt, ast.FunctionDef):

@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,16 @@ def test_loops_comprehensions_and_assignments_are_unrolled_into_probes_with_bind
         False, True, True]
 
 
+def test_seeded_random_cases_and_prints_in_a_test_source():
+    source = ("import random\nprint('checking')\nfor _ in range(3):\n"
+              "    x = random.randint(0, 1000)\n    assert add(x, 1) == x + 1\n")
+    first, second = compile_tests([source]), compile_tests([source + "\n"])
+    assert len(first.probes) == 3
+    assert first.bindings == second.bindings  # random.Random(0): the same cases every time
+    xs = [random.Random(0).randint(0, 1000)]
+    assert first.bindings["_psirl0_x"] == xs[0]
+
+
 def test_check_function_forms():
     source = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
     assert compile_tests([source + "check(square)"]).probes == ["square(2)", "square(3)"]
@@ -89,7 +100,7 @@ def test_check_function_forms():
 
 
 @pytest.mark.parametrize(("source", "message"), [
-    ("print('hi')", r"line 1: unsupported statement `print\('hi'\)`"),
+    ("add(1, 2)", r"line 1: unsupported statement `add\(1, 2\)`"),
     ("x = 1\nwhile x:\n    x = 0", "line 2: unsupported statement"),
     ("for v in values():\n    assert f(v)", "line 1: a `for` loop over a program value"),
     ("import os\nassert f(1)", "line 1: unsupported statement `import os`"),
