@@ -61,6 +61,8 @@ from psirl.rewards.sandbox import (
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _MAX_UNROLL = 10_000  # loop / comprehension items unrolled per test source
+_MAX_STATEMENTS = 10_000  # statements compiled per record after unrolling (each may be a probe)
+_MAX_STEPS = 100_000  # iterations of a comprehension evaluated in the trainer
 _MAX_SIZE = 1_000_000  # longest sequence / largest int (bits) the trusted evaluator builds
 
 
@@ -189,7 +191,7 @@ def _comprehension_items(generators: list[ast.comprehension], env: dict[str, Any
         for scope in envs:
             for item in _check_iterable(_teval(generator.iter, scope)):
                 steps += 1
-                if steps > _MAX_SIZE:
+                if steps > _MAX_STEPS:
                     raise ValueError("comprehension runs too long")
                 inner = dict(scope)
                 _bind(generator.target, item, inner)
@@ -281,7 +283,9 @@ def _teval(node: ast.expr, env: dict[str, Any]) -> Any:
         if function in (bytes, bytearray) and args and type(args[0]) is int and args[0] > _MAX_SIZE:
             raise ValueError("bytes too large")
         result = function(*args, **kwargs)
-        if type(result) in (range, zip, enumerate, reversed) or type(result).__name__.endswith(
+        if type(result) is range:
+            return _check_iterable(result)  # lazy; a large one is refused where it is iterated
+        if type(result) in (zip, enumerate, reversed) or type(result).__name__.endswith(
             "iterator"
         ):
             return list(result)  # materialise lazy builtins (bounded by the capped inputs)
@@ -501,8 +505,8 @@ class _Compiler:
 
     def statement(self, stmt: ast.stmt, scope, aliases, functions, checks) -> None:
         self.steps += 1
-        if self.steps > _MAX_UNROLL * 10:
-            raise self.fail(f"more than {_MAX_UNROLL * 10} statements after unrolling loops",
+        if self.steps > _MAX_STATEMENTS:
+            raise self.fail(f"more than {_MAX_STATEMENTS} statements after unrolling loops",
                             stmt)
         if isinstance(stmt, ast.Assert):
             checks.append(self.expr(self._substitute(stmt.test, aliases), scope))
