@@ -13,7 +13,8 @@ Flatpak uses), not by Python hooks (which code can switch off from a subinterpre
   even by pidfd, cannot reach the trainer (it is not visible, and belongs to another uid);
 - a filesystem made of read-only binds of the Python runtime only (the interpreter, its stdlib,
   the system shared libraries it links), a read-only root, a private size-capped tmpfs as
-  scratch (/tmp, the working dir), a minimal /dev, no /etc, no home, no trainer files;
+  scratch (/tmp, the working dir), a minimal read-only /dev with a 4 MiB /dev/shm, no /etc, no
+  home, no trainer files: everything the program can write is bounded in size;
   the interpreter runs ``-I -S -B`` with a cleared environment (PATH, HOME, TMPDIR, LANG only);
 - the network namespace has only a loopback device of its own: 127.0.0.1 of the host is not
   reachable;
@@ -69,6 +70,7 @@ logger = logging.getLogger(__name__)
 HARNESS = Path(__file__).with_name("_sandbox_harness.py")
 _STDERR_TAIL = 2000
 _SANDBOX_UID = 65534
+_SHM_BYTES = 4 << 20  # /dev/shm (POSIX semaphores, shared memory of multiprocessing)
 _SYSTEM_LIB_DIRS = ("/usr/lib", "/usr/lib64", "/lib", "/lib64")
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install "
@@ -299,6 +301,9 @@ def _bwrap_command(limits: SandboxLimits, info_fd: int) -> tuple[list[str], int 
         "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
         *mounts,
         "--proc", "/proc", "--dev", "/dev",
+        # bwrap's /dev is an unbounded tmpfs: a small /dev/shm, the rest read-only (device
+        # nodes such as /dev/null stay writable on a read-only mount)
+        "--size", str(_SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
         "--size", str(limits.scratch_mb << 20), "--tmpfs", "/tmp",
         "--remount-ro", "/", "--chdir", "/tmp",
         runtime.executable, "-I", "-S", "-B", "-c", _harness_source(),

@@ -265,7 +265,8 @@ def test_sandbox_sees_only_the_runtime_and_a_private_scratch():
         "        return type(error).__name__\n"
     )
     probes = ["open('inside.txt').read()", "ROOT", "PROCS", "os.getuid()", "os.getcwd()",
-              "try_write('/usr/lib/x')", "try_write('/x')", "sorted(os.environ)"]
+              "try_write('/usr/lib/x')", "try_write('/x')", "sorted(os.environ)",
+              "try_write('/dev/x')", "try_write('/dev/null')", "try_write('/dev/shm/x')"]
     values = [v.value for v in run_in_sandbox(code, probes, FAST).values]
     assert values[0] == "ok"
     assert set(values[1]) <= {"dev", "lib", "lib64", "proc", "root", "tmp", "usr", "bin", "etc"}
@@ -274,6 +275,7 @@ def test_sandbox_sees_only_the_runtime_and_a_private_scratch():
     assert values[3] == 65534 and values[4] == "/tmp"
     assert values[5] == "OSError" and values[6] == "OSError"  # read-only file system
     assert values[7] == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]
+    assert values[8:] == ["OSError", "written", "written"]  # /dev read-only, its nodes usable
 
 
 @needs_bwrap
