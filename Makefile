@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install lint clean
+.PHONY: demo test bench install lint clean sandbox-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,12 +15,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,peft]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Code rewards run model-written programs under bubblewrap (Debian package `bubblewrap`) and
+# refuse to run without it. Installed here when we are root and apt-get exists; otherwise this
+# only says so (README, "Sandbox", lists the packages of other systems).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	  else \
+	    echo "bubblewrap (bwrap) is not installed: code rewards will refuse to run; see README, Sandbox"; \
+	  fi; }
+
+install: $(STAMP) sandbox-deps
 
 demo: $(STAMP)
 	$(BIN)/psirl demo
 
-test: $(STAMP)
+test: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -331,6 +331,10 @@ class CodeRewardConfig(_RewardBase):
     tests_key: str = "tests"
     timeout_s: float = Field(5.0, gt=0)
     memory_mb: int = Field(512, gt=0)
+    # Without a working bubblewrap the code reward refuses to run; true runs the program with
+    # rlimits only (it can read files, use the network, signal the trainer), warned and logged
+    # as reward/<name>/weak_sandbox = 1.
+    allow_weak_sandbox: bool = False
 
 
 class RewardModelRewardConfig(_RewardBase):

@@ -28,7 +28,8 @@ def _build(section, task, tokenizer):
         from psirl.rewards.sandbox import SandboxLimits
 
         limits = SandboxLimits(wall_time_s=section.timeout_s, memory_mb=section.memory_mb)
-        return CodeTestsReward(tests_key=section.tests_key, limits=limits)
+        return CodeTestsReward(tests_key=section.tests_key, limits=limits,
+                               allow_weak_sandbox=section.allow_weak_sandbox)
     if kind == "reward_model":
         from psirl.rewards.reward_model import RewardModelReward
 
