@@ -15,10 +15,25 @@ LOOPS = {
 }
 
 
-def run_config(config, *, resume: bool = False, quiet: bool = False) -> Path:
-    """Run the loop named by `config.loop`; return the run folder."""
+def run_config(config, *, resume: bool = False, quiet: bool = False,
+               overwrite: bool = False) -> Path:
+    """Run the loop named by `config.loop`; return the run folder.
+
+    The folder is locked for the whole run (a second run or resume of it fails at once). A fresh
+    run refuses a folder that holds another run unless `overwrite=True`, which clears it first.
+    How the run ended: `psirl.train.base.read_run_status(run_dir)` ("finished", or "stopped"
+    by SIGTERM after checkpointing).
+    """
+    from psirl.train.base import overwrite_run_dir, run_dir_lock
+
     if config.loop not in LOOPS:
         raise ValueError(f"loop: {config.loop!r} is not available; known loops: {sorted(LOOPS)}")
+    if overwrite and resume:
+        raise ValueError("overwrite and resume contradict each other; choose one")
     module_name, fn_name = LOOPS[config.loop].split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    return fn(config, resume=resume, quiet=quiet)
+    # The loop's run_loop takes the same lock again (re-entrant within this process).
+    with run_dir_lock(config.output_dir) as run_dir:
+        if overwrite:
+            overwrite_run_dir(run_dir)
+        return fn(config, resume=resume, quiet=quiet)
