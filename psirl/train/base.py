@@ -215,7 +215,13 @@ def take_skipped_updates() -> int:
 
 
 def split_microbatches(n: int, n_micro: int) -> list[slice]:
-    """Split range(n) into `n_micro` contiguous, nearly equal slices (empty ones dropped)."""
+    """Split range(n) into `n_micro` contiguous, nearly equal slices (empty ones dropped).
+
+    More slices than rows (possible only when dynamic sampling kept few rows; the config
+    refuses minibatches > rows otherwise) gives one row per slice, logged at INFO.
+    """
+    if n_micro > n > 0:
+        log.info("split_microbatches: %d minibatches asked for %d rows; using %d", n_micro, n, n)
     n_micro = max(1, min(n_micro, n))
     bounds = [round(i * n / n_micro) for i in range(n_micro + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]

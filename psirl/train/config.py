@@ -596,11 +596,44 @@ class TrainConfig(_Section):
         if self.loop == "online" and self.algorithm.preset is None:
             raise ValueError("algorithm.preset: the online loop needs a preset (e.g. grpo)")
         if self.algorithm.preset is not None:
-            _check_knobs(self.algorithm.preset, self.algorithm.knobs)
+            knobs = _check_knobs(self.algorithm.preset, self.algorithm.knobs)
+            if self.loop == "online" and knobs is not None:
+                _check_minibatches(knobs, self.optim.batch_size)
+        self._check_data_sizes()
         return self
 
+    def _check_data_sizes(self) -> None:
+        """Settings that would otherwise be silently shrunk or ignored by the loops."""
+        # KTO's batch counts samples, and each task pair gives two.
+        examples = self.data.n_train * (2 if self.preference.loss == "kto" else 1)
+        if self.data.task is not None and examples < self.optim.batch_size:
+            raise ValueError(
+                f"data.n_train: {self.data.n_train} examples of the task, fewer than "
+                f"optim.batch_size={self.optim.batch_size}; each step needs that many distinct "
+                "examples"
+            )
+        if self.eval.every > 0 and self.data.task is None and self.data.eval_path is None:
+            raise ValueError(
+                f"eval.every: {self.eval.every}, but there is no eval set (neither data.eval_path "
+                "nor data.task is set); give one, or set eval.every=0"
+            )
 
-def _check_knobs(preset: str, knobs: dict[str, Any]) -> None:
+
+def _check_minibatches(knobs: Any, batch_size: int) -> None:
+    """split_microbatches would clamp more minibatches than rollout rows to one row each,
+    changing the number of updates per step without a word: refuse it here."""
+    sampling = getattr(knobs, "sampling", None)
+    minibatches = getattr(sampling, "minibatches", 1)
+    rows = getattr(sampling, "group_size", 1) * batch_size
+    if minibatches > rows:
+        raise ValueError(
+            f"algorithm.knobs.sampling.minibatches: {minibatches} minibatches, but a step's "
+            f"rollout has only {rows} rows (optim.batch_size={batch_size} x group_size="
+            f"{getattr(sampling, 'group_size', 1)}); use at most {rows}"
+        )
+
+
+def _check_knobs(preset: str, knobs: dict[str, Any]) -> Any:
     """Resolve the knobs once at load time so a bad knob fails before any model is built.
 
     Warnings about known-bad combinations (warned once per process by psirl.algorithms) are
@@ -610,15 +643,16 @@ def _check_knobs(preset: str, knobs: dict[str, Any]) -> None:
 
     algorithms = _optional_module("psirl.algorithms")
     if algorithms is None:
-        return
+        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            algorithms.resolve_preset(preset, knobs)
+            resolved = algorithms.resolve_preset(preset, knobs)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"algorithm.knobs: {exc}") from None
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return resolved
 
 
 def _needs_task(reward: Any) -> bool:
