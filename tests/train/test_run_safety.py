@@ -429,3 +429,28 @@ def test_clip_and_step_skips_a_non_finite_update_exactly(fused):
     assert all(p.grad is None for p in params)
     assert sched.get_last_lr() == pytest.approx([0.1 / 3])
     assert base.take_skipped_updates() == 1 and base.take_skipped_updates() == 0
+
+
+# --------------------------------------------------------------------------- finding 12: rewards
+
+
+def test_an_absurd_reward_counts_as_a_failed_sample(caplog):
+    """1e30 (finite) would overflow the advantage's std; it becomes reward.fallback, counted in
+    reward/<name>/failures and logged once with its value; ordinary rewards pass unchanged."""
+    from psirl.train.rewards import build_reward
+
+    cfg = config_from_dict({
+        "loop": "online", "output_dir": "x", "model": {"tiny": TINY},
+        "data": {"task": "addition"}, "optim": {"batch_size": 2},
+        "reward": {"kind": "weighted", "fallback": -1.0, "components": [
+            {"weight": 1e30, "reward": {"kind": "format", "pattern": "^big"}},
+            {"weight": 1.0, "reward": {"kind": "format", "pattern": "^ok"}},
+        ]},
+    })
+    fn = build_reward(cfg, None)
+    with caplog.at_level(logging.WARNING):
+        got = fn(["p"] * 4, ["big", "ok", "nan", "big"], [{}] * 4)
+    assert got == [-1.0, 1.0, 0.0, -1.0]
+    assert "gave 1e+30 for sample 0, beyond +-1e+06" in caplog.text
+    failures = {k: v for k, v in fn.metrics().items() if k.endswith("/failures")}
+    assert list(failures.values()) == [2]
