@@ -332,16 +332,24 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
     return final
 
 
-def check_finite_modules(models: dict[str, torch.nn.Module], what: str) -> None:
-    """Raise NonFiniteError naming the module and tensor when any weight or buffer is NaN/inf."""
+def first_nonfinite_tensor(models: dict[str, torch.nn.Module]) -> tuple[str, str] | None:
+    """(module name, tensor name) of the first weight or buffer holding NaN/inf, else None."""
     for name, module in models.items():
         for key, tensor in module.state_dict().items():
             if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
                     and not bool(torch.isfinite(tensor).all())):
-                raise NonFiniteError(
-                    f"refusing to write {what}: module {name!r} has non-finite (NaN/inf) values "
-                    f"in {key!r}; the earlier checkpoints are kept"
-                )
+                return name, key
+    return None
+
+
+def check_finite_modules(models: dict[str, torch.nn.Module], what: str) -> None:
+    """Raise NonFiniteError naming the module and tensor when any weight or buffer is NaN/inf."""
+    bad = first_nonfinite_tensor(models)
+    if bad is not None:
+        raise NonFiniteError(
+            f"refusing to write {what}: module {bad[0]!r} has non-finite (NaN/inf) values "
+            f"in {bad[1]!r}; the earlier checkpoints are kept"
+        )
 
 
 # --------------------------------------------------------------------------- integrity
@@ -721,7 +729,7 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
                 # before the step, whose scheduler.step() moves it on to the next step's value.
                 lrs = {f"lr/{name}": sched.get_last_lr()[0] for name, sched in spec.schedulers.items()}
                 t0 = time.perf_counter()
-                metrics = dict(spec.step(step, step_generator(config.seed, step)))
+                metrics = _run_step(spec, step, step_generator(config.seed, step))
                 metrics["time/step_s"] = time.perf_counter() - t0
                 metrics.update(lrs)
                 done = step + 1
@@ -772,6 +780,22 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
         write_run_status(run_dir, "finished" if finished else "stopped", last_done)
     barrier()
     return run_dir
+
+
+def _run_step(spec: LoopSpec, step: int, generator: torch.Generator) -> dict:
+    """spec.step, with a failure on NaN/inf weights reported as such: sampling from a NaN policy
+    fails deep inside torch (an index or multinomial error) that does not say why."""
+    try:
+        return dict(spec.step(step, generator))
+    except Exception as exc:
+        bad = first_nonfinite_tensor(spec.models)
+        if bad is None:
+            raise
+        raise NonFiniteError(
+            f"step {step + 1}: failed ({type(exc).__name__}: {exc}) with non-finite (NaN/inf) "
+            f"weights in module {bad[0]!r} ({bad[1]!r}); an earlier update made them so: lower "
+            "optim.lr, check optim.eps"
+        ) from exc
 
 
 def _nonfinite_message(run_dir: Path, step: int, streak: int) -> str:

@@ -454,3 +454,22 @@ def test_an_absurd_reward_counts_as_a_failed_sample(caplog):
     assert "gave 1e+30 for sample 0, beyond +-1e+06" in caplog.text
     failures = {k: v for k, v in fn.metrics().items() if k.endswith("/failures")}
     assert list(failures.values()) == [2]
+
+
+def test_the_online_loop_with_eps_zero_stops_with_a_nan_error_not_a_crash(tmp_path):
+    """Finding 7, online: it wrote a NaN checkpoint and then crashed with an index error (the
+    checkpoint refusal is tested above; here no checkpoint is due, so the crash itself must say
+    that the weights are NaN)."""
+    cfg = config_from_dict({
+        "loop": "online", "output_dir": str(tmp_path / "run"), "max_steps": 6, "device": "cpu",
+        "model": {"tiny": TINY}, "data": {"task": "addition", "task_kwargs": {"digits": 1}},
+        "optim": {"lr": 1e-2, "batch_size": 2}, "checkpoint": {"every": 0},
+        "algorithm": {"preset": "grpo", "knobs": {"sampling": {"group_size": 2,
+                                                               "max_new_tokens": 3}}},
+    })
+    cfg.optim.eps = 0.0  # refused by the config; forced past it
+    with pytest.raises(NonFiniteError, match=r"with non-finite \(NaN/inf\) weights in module "
+                                             r"'policy' \('model\.embed_tokens\.weight'\)"):
+        run_config(cfg, quiet=True)
+    run = tmp_path / "run"
+    assert not (run / FINAL_DIR).exists() and list_checkpoints(run) == []
