@@ -751,6 +751,8 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
                 stop_requested["flag"] |= stopping
                 every = config.checkpoint.every
                 if (every > 0 and done % every == 0) or done == config.max_steps or stopping:
+                    if world()[1] > 1:  # every rank raises, instead of rank 0 alone
+                        _check_finite_on_every_rank(spec, done)
                     # Data-parallel: every rank's RNG state goes into rank 0's checkpoint.
                     per_rank = {"rank_rng": gather_objects(_rng_state())} if world()[1] > 1 else {}
                     if main:
@@ -780,6 +782,16 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
         write_run_status(run_dir, "finished" if finished else "stopped", last_done)
     barrier()
     return run_dir
+
+
+def _check_finite_on_every_rank(spec: LoopSpec, step: int) -> None:
+    """Data-parallel: refuse the checkpoint on all ranks together when any holds NaN/inf
+    weights (rank 0's own refusal alone would leave the others waiting at the barrier)."""
+    bad = first_nonfinite_tensor(spec.models)
+    if any_rank(bad is not None):
+        where = f"module {bad[0]!r} ({bad[1]!r})" if bad else "another rank's weights"
+        raise NonFiniteError(f"refusing to write checkpoint step-{step:08d}: non-finite (NaN/inf) "
+                             f"values in {where}; the earlier checkpoints are kept")
 
 
 def _run_step(spec: LoopSpec, step: int, generator: torch.Generator) -> dict:

@@ -473,3 +473,18 @@ def test_the_online_loop_with_eps_zero_stops_with_a_nan_error_not_a_crash(tmp_pa
         run_config(cfg, quiet=True)
     run = tmp_path / "run"
     assert not (run / FINAL_DIR).exists() and list_checkpoints(run) == []
+
+
+def test_cli_reports_a_nan_stop_with_exit_1_and_one_line(tmp_path, monkeypatch):
+    import psirl.train
+
+    cfg = _sft_yaml(tmp_path, tmp_path / "run", max_steps=1)
+
+    def nan_run(config, **kwargs):  # noqa: ARG001
+        raise NonFiniteError("step 4: the loss or gradient norm was NaN/inf in 3 steps in a row")
+
+    monkeypatch.setattr(psirl.train, "run_config", nan_run)
+    result = CliRunner().invoke(app, ["train", str(cfg), "--quiet"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.strip() == (
+        "error: step 4: the loss or gradient norm was NaN/inf in 3 steps in a row")
