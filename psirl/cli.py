@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +26,23 @@ def _quiet_libraries() -> None:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """psirl's warnings (a damaged checkpoint skipped on resume, --overwrite clearing a folder,
+    a reward failing) as `warning: ...` lines on stderr, whatever logging setup is around."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    psirl_logger = logging.getLogger("psirl")
+    psirl_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        psirl_logger.removeHandler(handler)
 
 
 @app.command()
@@ -75,7 +93,8 @@ def train(
     )
 
     try:
-        run_dir = run_config(cfg, resume=resume is not None, quiet=quiet, overwrite=overwrite)
+        with _warnings_to_stderr():
+            run_dir = run_config(cfg, resume=resume is not None, quiet=quiet, overwrite=overwrite)
     except (ConfigError, DataError, CheckpointError, FileExistsError, RunDirInUse,
             CheckpointDamaged) as exc:
         # Bad input (config, data, model folder, a used or locked output_dir, no intact

@@ -448,22 +448,28 @@ def _names_file(path: Path) -> Iterator[None]:
 def load_latest_intact_checkpoint(run_dir: Path, spec: LoopSpec) -> int:
     """Load the newest checkpoint that verifies and loads; return its step (0: none exists).
 
-    A damaged checkpoint is moved aside to checkpoints/damaged-step-*/ (kept for inspection, out
-    of retention's count) with a warning naming the damaged file; resume falls back to the next
-    newest. Every checkpoint damaged -> CheckpointDamaged listing them all.
+    A damaged checkpoint is reported with a warning naming the damaged file and resume falls
+    back to the next newest; once one loads, the damaged ones are moved aside to
+    checkpoints/damaged-step-*/ (kept for inspection, out of retention's count). Every
+    checkpoint damaged -> CheckpointDamaged listing them all (nothing moved).
     """
-    problems = []
+    problems, damaged = [], []
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(ckpt, spec)
+            step = load_checkpoint(ckpt, spec)
         except CheckpointDamaged as exc:
             problems.append(str(exc))
-            aside = ckpt.with_name(f"damaged-{ckpt.name}")
-            if is_main():
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(ckpt, aside)
-            log.warning("resume: %s; moved to %s, falling back to an older checkpoint",
-                        exc, aside.name)
+            damaged.append(ckpt)
+            log.warning("resume: %s; falling back to an older checkpoint", exc)
+            continue
+        # Only once an intact one loaded: with none, they stay, so the next resume fails again
+        # instead of silently starting from step 0.
+        for bad in damaged if is_main() else []:
+            aside = bad.with_name(f"damaged-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            log.warning("resume: moved the damaged %s to %s", bad.name, aside.name)
+        return step
     if problems:
         raise CheckpointDamaged(
             "resume: no intact checkpoint left: " + "; ".join(problems)

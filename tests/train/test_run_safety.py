@@ -229,10 +229,11 @@ def test_no_intact_checkpoint_is_an_error_naming_each_damaged_file(tmp_path):
     _three_checkpoints(tmp_path)
     for ckpt in list_checkpoints(tmp_path):
         (ckpt / "trainer_state.pt").write_bytes(b"")
-    with pytest.raises(CheckpointDamaged) as err:
-        load_latest_intact_checkpoint(tmp_path, _toy_spec())
-    for s in (1, 2, 3):
-        assert f"step-0000000{s}/trainer_state.pt: sha256 does not match" in str(err.value)
+    for _ in range(2):  # nothing is moved aside, so a second resume fails the same way
+        with pytest.raises(CheckpointDamaged) as err:
+            load_latest_intact_checkpoint(tmp_path, _toy_spec())
+        for s in (1, 2, 3):
+            assert f"step-0000000{s}/trainer_state.pt: sha256 does not match" in str(err.value)
 
 
 def test_resume_after_damage_replays_to_the_same_weights(tmp_path):
@@ -488,3 +489,21 @@ def test_cli_reports_a_nan_stop_with_exit_1_and_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.output.strip() == (
         "error: step 4: the loss or gradient norm was NaN/inf in 3 steps in a row")
+
+
+def test_cli_resume_names_the_damaged_file_and_goes_on(tmp_path):
+    run = tmp_path / "run"
+    cfg = _sft_yaml(tmp_path, run, max_steps=2)
+    assert CliRunner().invoke(app, ["train", str(cfg), "--quiet", "checkpoint.every=1"]
+                              ).exit_code == 0
+    weights = run / CHECKPOINT_DIR / "step-00000002" / "policy.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x10
+    weights.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--quiet", "max_steps=3"])
+    assert result.exit_code == 0, result.output
+    assert f"{weights}: sha256 does not match checksums.json (damaged)" in result.output
+    # resumed from step 1: step 2 is trained and saved again, the damaged copy kept aside
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000003"]
+    assert (run / CHECKPOINT_DIR / "damaged-step-00000002" / "policy.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
