@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,14 +28,39 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """psirl's warnings (a damaged checkpoint skipped on resume, --overwrite clearing a folder,
+    a reward failing) as `warning: ...` lines on stderr, whatever logging setup is around."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    psirl_logger = logging.getLogger("psirl")
+    psirl_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        psirl_logger.removeHandler(handler)
+
+
 @app.command()
 def train(
     config: Path | None = typer.Argument(None, help="YAML config file."),
     overrides: list[str] | None = typer.Argument(None, help="key=value overrides (dotted keys)."),
     resume: Path | None = typer.Option(None, "--resume", help="Resume the run in this folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Clear output_dir first when it holds an earlier run."
+    ),
 ) -> None:
-    """Train from CONFIG.yaml (`psirl train c.yaml max_steps=10`) or resume a run folder."""
+    """Train from CONFIG.yaml (`psirl train c.yaml max_steps=10`) or resume a run folder.
+
+    Exit status: 0 finished; 2 bad input (config, data, model folder, a used or locked
+    output_dir, no intact checkpoint); 1 the run failed (NaN/inf); 143 stopped by SIGTERM after
+    checkpointing (resume with --resume).
+    """
     from psirl.train import run_config
     from psirl.train.config import ConfigError, load_config, load_run_config
 
@@ -53,19 +79,45 @@ def train(
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
+    if overwrite and resume is not None:
+        _fail("--overwrite and --resume contradict each other; choose one")
+        return
     from psirl.data.errors import DataError
     from psirl.models.loading import CheckpointError
+    from psirl.train.base import (
+        EXIT_STOPPED,
+        CheckpointDamaged,
+        NonFiniteError,
+        RunDirInUse,
+        read_run_status,
+    )
 
     try:
-        run_dir = run_config(cfg, resume=resume is not None, quiet=quiet)
-    except (ConfigError, DataError, CheckpointError, FileExistsError) as exc:
-        # Bad input (config, data, model folder, a used output_dir): one line, no traceback.
+        with _warnings_to_stderr():
+            run_dir = run_config(cfg, resume=resume is not None, quiet=quiet, overwrite=overwrite)
+    except (ConfigError, DataError, CheckpointError, FileExistsError, RunDirInUse,
+            CheckpointDamaged) as exc:
+        # Bad input (config, data, model folder, a used or locked output_dir, no intact
+        # checkpoint): one line, no traceback.
         _fail(str(exc))
         return
+    except NonFiniteError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
     from psirl.train.distributed import is_main
 
+    status = read_run_status(run_dir) or {}
+    if status.get("state") == "stopped":
+        if is_main():
+            typer.echo(f"stopped at step {status.get('step')}, resume with: "
+                       f"psirl train --resume {run_dir}", err=True)
+        # A scheduler must not record a SIGTERM'd run as a success.
+        raise typer.Exit(code=EXIT_STOPPED)
     if is_main():  # one line, not one per data-parallel rank
-        typer.echo(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+        typer.echo(f"run folder: {run_dir}")
+        report = run_dir / "report.html"
+        if report.is_file():
+            typer.echo(f"report: {report}")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from psirl.data.errors import DataError
 from psirl.data.lengths import check_prompt_lengths
 from psirl.data.schema import KINDS, validate_record
 
-__all__ = ["RecordList", "check_prompt_lengths", "load_records"]
+__all__ = ["RecordList", "check_enough_records", "check_prompt_lengths", "load_records"]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -37,11 +37,26 @@ class RecordList(list):
         self.source = source
 
 
+# The longest JSONL line (one record) accepted. Checked on the raw bytes, before JSON parsing and
+# tokenization, which for a 20 MB line took minutes only to reject it for its token count.
+MAX_LINE_BYTES = 4 << 20
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", parsed_json)`` for every non-blank line; bad JSON -> DataError."""
+    """Yield ``("file:line", parsed_json)`` for every non-blank line; bad JSON or a line over
+    MAX_LINE_BYTES -> DataError (the over-long line is never read whole)."""
+    max_line_bytes = MAX_LINE_BYTES
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+        # +2: room for the line's own "\r\n", which does not count towards the limit
+        for line_number, raw in enumerate(iter(lambda: handle.readline(max_line_bytes + 2), b""),
+                                          start=1):
             where = f"{path}:{line_number}"
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(
+                    f"{where}: line longer than {max_line_bytes} bytes "
+                    f"(psirl.data.records.MAX_LINE_BYTES); one record this large cannot fit any "
+                    f"prompt budget"
+                )
             try:
                 text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
@@ -149,6 +164,23 @@ def _iter_raw(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
     )
 
 
+def _check_pair_differs(record: dict[str, Any], where: str) -> None:
+    """A pair whose chosen and rejected completions are equal states no preference (its DPO
+    loss is log 2 with zero gradient whatever the model), so it is a data error, not a pair."""
+    if record.get("chosen") == record.get("rejected"):
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical; a preference "
+                        "pair needs two different completions")
+
+
+def check_enough_records(records: list, needed: int, key: str, what: str = "records") -> None:
+    """Refuse a training set smaller than one step's batch (each step would silently use fewer
+    examples than `key` asks for). `records` may be a RecordList (its source is named)."""
+    if len(records) < needed:
+        source = getattr(records, "source", None)
+        raise DataError(f"{source + ': ' if source else ''}{len(records)} {what}, fewer than "
+                        f"{key}={needed}; each step needs that many distinct {what}")
+
+
 def load_records(
     path: str | Path,
     *,
@@ -184,7 +216,10 @@ def load_records(
     records: list[dict[str, Any]] = []
     locations: list[str] = []
     for where, raw in _iter_raw(path, split):
-        records.append(validate_record(kind, raw, where))
+        record = validate_record(kind, raw, where)
+        if kind == "preference":
+            _check_pair_differs(record, where)
+        records.append(record)
         locations.append(where)
         if limit is not None and len(records) >= limit:
             break

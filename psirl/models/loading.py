@@ -79,13 +79,32 @@ def load_policy(
     folder = check_safetensors_folder(path)
     torch_dtype = resolve_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, use_safetensors=True, local_files_only=True
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, use_safetensors=True, local_files_only=True,
+        output_loading_info=True,
     )
+    _check_all_weights_loaded(folder, info)
     ensure_pad_token(model, tokenizer)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _check_all_weights_loaded(folder: Path, info: dict) -> None:
+    """Refuse a folder whose weight files lack tensors of the model (transformers would leave
+    them randomly initialised with only a log line) or hold tensors of the wrong shape."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"{folder}: the weight files have no tensor for {shown} (they would be left "
+            "randomly initialised); the checkpoint is incomplete or for another architecture"
+        )
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        key, got, want = (list(mismatched[0]) + [None, None])[:3]
+        raise CheckpointError(f"{folder}: tensor {key} has shape {got} in the weight files, "
+                              f"the model expects {want}")
 
 
 def ensure_pad_token(model: PreTrainedModel, tokenizer) -> None:

@@ -19,22 +19,37 @@ LOOPS = {
 SCORING_LOOPS = ("online", "preference", "self_training")
 
 
-def run_config(config, *, resume: bool = False, quiet: bool = False, reward_fn=None) -> Path:
+def run_config(config, *, resume: bool = False, quiet: bool = False, overwrite: bool = False,
+               reward_fn=None) -> Path:
     """Run the loop named by `config.loop`; return the run folder.
 
+    The folder is locked for the whole run (a second run or resume of it fails at once). A fresh
+    run refuses a folder that holds another run unless `overwrite=True`, which clears it first.
+    How the run ended: `psirl.train.base.read_run_status(run_dir)` ("finished", or "stopped"
+    by SIGTERM after checkpointing).
     reward_fn: your own reward ``fn(prompts, completions, records) -> list[float]`` (sync or
     ``async def``; a ``tokenizer`` parameter receives the policy's tokenizer) instead of the
     configured `reward:` kind, for the loops that score samples (online, online preference,
     self-training).
     """
+    from psirl.train.base import overwrite_run_dir, run_dir_lock
+
     if config.loop not in LOOPS:
         raise ValueError(f"loop: {config.loop!r} is not available; known loops: {sorted(LOOPS)}")
+    if overwrite and resume:
+        raise ValueError("overwrite and resume contradict each other; choose one")
     module_name, fn_name = LOOPS[config.loop].split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    if reward_fn is None:
-        return fn(config, resume=resume, quiet=quiet)
-    if config.loop not in SCORING_LOOPS or (config.loop == "preference"
-                                            and not config.preference.online):
-        raise ValueError(f"reward_fn: loop {config.loop!r} scores no samples; a reward function "
-                         f"is used by {', '.join(SCORING_LOOPS)} (preference with online: true)")
-    return fn(config, resume=resume, quiet=quiet, reward_fn=reward_fn)
+    kwargs = {}
+    if reward_fn is not None:
+        if config.loop not in SCORING_LOOPS or (config.loop == "preference"
+                                                and not config.preference.online):
+            raise ValueError(f"reward_fn: loop {config.loop!r} scores no samples; a reward "
+                             f"function is used by {', '.join(SCORING_LOOPS)} (preference with "
+                             f"online: true)")
+        kwargs["reward_fn"] = reward_fn
+    # The loop's run_loop takes the same lock again (re-entrant within this process).
+    with run_dir_lock(config.output_dir) as run_dir:
+        if overwrite:
+            overwrite_run_dir(run_dir)
+        return fn(config, resume=resume, quiet=quiet, **kwargs)

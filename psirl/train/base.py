@@ -13,14 +13,17 @@ A run killed at any point restarts from its last checkpoint and replays the same
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,25 @@ from psirl.train.distributed import (
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file of a checkpoint
+LOCK_FILE = ".psirl.lock"  # flock'ed by the run that uses the folder
+STATUS_FILE = "status.json"  # how the last run in the folder ended: finished | stopped
+# exit status of a run stopped by SIGTERM (128 + 15, what a shell reports for a TERM kill)
+EXIT_STOPPED = 143
+
+log = logging.getLogger("psirl.train")
+
+
+class NonFiniteError(RuntimeError):
+    """The run produced NaN / inf: too many skipped updates, or weights that must not be saved."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose files are missing, truncated or fail their checksum."""
 
 
 # --------------------------------------------------------------------------- seeding
@@ -130,6 +152,12 @@ def clip_and_step(
     the gradients are read once by the update instead of being rescaled in a pass of their own:
     ``g / (1 / c)`` with ``c = min(1, max_norm / (norm + 1e-6))``, the factor
     ``clip_grad_norm_`` multiplies by.
+
+    A non-finite norm (a NaN / inf loss or gradient) skips the update: weights and optimiser
+    state are left as they were (the fused kernel's ``found_inf`` flag, GradScaler's mechanism,
+    which also undoes the step count), the LR schedule still advances, and the skip is counted
+    for run_loop (``take_skipped_updates``), which logs it and stops a run after
+    ``optim.max_nonfinite_steps`` such steps in a row.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
@@ -139,25 +167,61 @@ def clip_and_step(
         grad_norm = 0.0
     elif fused:
         total = get_total_norm(grads, foreach=True)
+        _skip_update_if_nonfinite(optimizer, total)
         grad_norm = float(total)
         if grad_norm > max_norm:  # c < 1; grad_scale is 1 / c
             optimizer.grad_scale = (total + 1e-6) / max_norm
     else:
         # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
         grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
+    finite = math.isfinite(grad_norm)
     try:
-        optimizer.step()
+        if finite or fused:  # fused: the kernel itself skips a non-finite update (found_inf)
+            optimizer.step()
     finally:
-        if hasattr(optimizer, "grad_scale"):
-            del optimizer.grad_scale
+        for hook in ("grad_scale", "found_inf"):
+            if hasattr(optimizer, hook):
+                delattr(optimizer, hook)
     if scheduler is not None:
-        scheduler.step()
+        _step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        _NONFINITE["skipped"] += 1
     return grad_norm
 
 
+# Updates skipped by clip_and_step since run_loop last read the count (one process, one run).
+_NONFINITE = {"skipped": 0}
+
+
+def _skip_update_if_nonfinite(optimizer: torch.optim.Optimizer, total_norm: torch.Tensor) -> None:
+    """Tell a fused Adam/AdamW kernel to skip its update when `total_norm` is NaN / inf, without
+    a host sync (the flag stays on the device)."""
+    optimizer.found_inf = (~torch.isfinite(total_norm)).to(torch.float32)
+
+
+def _step_scheduler(scheduler) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # after a skipped first update: intended, not a misuse
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+
+
+def take_skipped_updates() -> int:
+    """How many updates clip_and_step skipped as non-finite since the last call (and reset)."""
+    n, _NONFINITE["skipped"] = _NONFINITE["skipped"], 0
+    return n
+
+
 def split_microbatches(n: int, n_micro: int) -> list[slice]:
-    """Split range(n) into `n_micro` contiguous, nearly equal slices (empty ones dropped)."""
+    """Split range(n) into `n_micro` contiguous, nearly equal slices (empty ones dropped).
+
+    More slices than rows (possible only when dynamic sampling kept few rows; the config
+    refuses minibatches > rows otherwise) gives one row per slice, logged at INFO.
+    """
+    if n_micro > n > 0:
+        log.info("split_microbatches: %d minibatches asked for %d rows; using %d", n_micro, n, n)
     n_micro = max(1, min(n_micro, n))
     bounds = [round(i * n / n_micro) for i in range(n_micro + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
@@ -225,12 +289,17 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
     """Write checkpoints/step-{step:08d}/ atomically (temp folder, fsync, rename); prune old ones.
 
     Layout: {name}.safetensors for every module (policy, value, ...),
-    trainer_state.pt (optimisers, schedulers, RNG states), state.json (step, loop state).
+    trainer_state.pt (optimisers, schedulers, RNG states), state.json (step, loop state),
+    checksums.json (sha256 of each of those files, written inside the temp folder, so a
+    checkpoint either has all its checksums or does not exist).
     rank_rng: in a data-parallel run, every rank's RNG state (indexed by rank), saved beside
     this process's so that each rank resumes its own.
+    Refuses (NonFiniteError, nothing written, nothing pruned) when a module holds NaN / inf, so
+    retention never replaces a good checkpoint with a poisoned one.
     """
     from safetensors.torch import save_model
 
+    check_finite_modules(spec.models, f"checkpoint step-{step:08d}")
     ckpt_root = Path(run_dir) / CHECKPOINT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
@@ -252,6 +321,7 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
         tmp / "trainer_state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({"step": step, "loop": spec.get_state()}))
+    write_checksums(tmp)
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -260,6 +330,70 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def first_nonfinite_tensor(models: dict[str, torch.nn.Module]) -> tuple[str, str] | None:
+    """(module name, tensor name) of the first weight or buffer holding NaN/inf, else None."""
+    for name, module in models.items():
+        for key, tensor in module.state_dict().items():
+            if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                    and not bool(torch.isfinite(tensor).all())):
+                return name, key
+    return None
+
+
+def check_finite_modules(models: dict[str, torch.nn.Module], what: str) -> None:
+    """Raise NonFiniteError naming the module and tensor when any weight or buffer is NaN/inf."""
+    bad = first_nonfinite_tensor(models)
+    if bad is not None:
+        raise NonFiniteError(
+            f"refusing to write {what}: module {bad[0]!r} has non-finite (NaN/inf) values "
+            f"in {bad[1]!r}; the earlier checkpoints are kept"
+        )
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """folder/checksums.json: {file name: sha256} for every other file in the folder."""
+    sums = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name != CHECKSUMS_FILE}
+    out = Path(folder) / CHECKSUMS_FILE
+    out.write_text(json.dumps(sums, indent=1))
+    return out
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise CheckpointDamaged naming the first file that is missing or fails its checksum.
+
+    A checkpoint written before checksums existed (no checksums.json) is accepted as is; its
+    files are then checked only by loading them (load_checkpoint names the one that fails).
+    """
+    ckpt = Path(ckpt)
+    sums_path = ckpt / CHECKSUMS_FILE
+    if not sums_path.exists():
+        return
+    try:
+        sums = json.loads(sums_path.read_text())
+        if not isinstance(sums, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(f"{sums_path}: unreadable ({exc})") from None
+    for name, want in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointDamaged(f"{path}: missing")
+        if _sha256(path) != want:
+            raise CheckpointDamaged(f"{path}: sha256 does not match {CHECKSUMS_FILE} (damaged)")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -271,24 +405,77 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: Path, spec: LoopSpec) -> int:
-    """Restore modules, optimisers, schedulers, RNG and loop state; return the checkpoint's step."""
+    """Restore modules, optimisers, schedulers, RNG and loop state; return the checkpoint's step.
+
+    Verifies the checksums first; a file that fails to load raises CheckpointDamaged naming it.
+    """
     from safetensors.torch import load_model
 
     ckpt = Path(ckpt)
+    verify_checkpoint(ckpt)
+    with _names_file(ckpt / "state.json"):
+        state = json.loads((ckpt / "state.json").read_text())
+        step = int(state["step"])
     for name, module in spec.models.items():
-        load_model(module, str(ckpt / f"{name}.safetensors"))
-    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    for k, o in spec.optimizers.items():
-        o.load_state_dict(trainer_state["optimizers"][k])
-    for k, s in spec.schedulers.items():
-        s.load_state_dict(trainer_state["schedulers"][k])
-    _set_rng_state(trainer_state["rng"])
-    rank, world_size = world()
-    if len(trainer_state.get("rank_rng", [])) == world_size:  # same world size: this rank's own
-        _set_rng_state(trainer_state["rank_rng"][rank])
-    state = json.loads((ckpt / "state.json").read_text())
+        path = ckpt / f"{name}.safetensors"
+        with _names_file(path):
+            load_model(module, str(path))
+    with _names_file(ckpt / "trainer_state.pt"):
+        trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        for k, o in spec.optimizers.items():
+            o.load_state_dict(trainer_state["optimizers"][k])
+        for k, s in spec.schedulers.items():
+            s.load_state_dict(trainer_state["schedulers"][k])
+        _set_rng_state(trainer_state["rng"])
+        rank, world_size = world()
+        if len(trainer_state.get("rank_rng", [])) == world_size:  # same world size: own state
+            _set_rng_state(trainer_state["rank_rng"][rank])
     spec.set_state(state.get("loop", {}))
-    return int(state["step"])
+    return step
+
+
+@contextlib.contextmanager
+def _names_file(path: Path) -> Iterator[None]:
+    """Turn any failure to read `path` (truncated, garbage, missing key) into CheckpointDamaged."""
+    try:
+        yield
+    except CheckpointDamaged:
+        raise
+    except Exception as exc:  # safetensors, torch.load and json raise many types for bad bytes
+        raise CheckpointDamaged(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+
+
+def load_latest_intact_checkpoint(run_dir: Path, spec: LoopSpec) -> int:
+    """Load the newest checkpoint that verifies and loads; return its step (0: none exists).
+
+    A damaged checkpoint is reported with a warning naming the damaged file and resume falls
+    back to the next newest; once one loads, the damaged ones are moved aside to
+    checkpoints/damaged-step-*/ (kept for inspection, out of retention's count). Every
+    checkpoint damaged -> CheckpointDamaged listing them all (nothing moved).
+    """
+    problems, damaged = [], []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            step = load_checkpoint(ckpt, spec)
+        except CheckpointDamaged as exc:
+            problems.append(str(exc))
+            damaged.append(ckpt)
+            log.warning("resume: %s; falling back to an older checkpoint", exc)
+            continue
+        # Only once an intact one loaded: with none, they stay, so the next resume fails again
+        # instead of silently starting from step 0.
+        for bad in damaged if is_main() else []:
+            aside = bad.with_name(f"damaged-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+            log.warning("resume: moved the damaged %s to %s", bad.name, aside.name)
+        return step
+    if problems:
+        raise CheckpointDamaged(
+            "resume: no intact checkpoint left: " + "; ".join(problems)
+            + f"; start again with `psirl train CONFIG --overwrite` (output_dir {run_dir})"
+        )
+    return 0
 
 
 def _fsync_tree(root: Path) -> None:
@@ -310,25 +497,154 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def prepare_run_dir(config, resume: bool) -> Path:
-    """Create the run folder and write the resolved config (or check it exists on resume)."""
+# Files that mark a folder as holding a (possibly unfinished) psirl run.
+_RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, FINAL_DIR, "init_model", STATUS_FILE)
+
+
+def prepare_run_dir(config, resume: bool, overwrite: bool = False) -> Path:
+    """Create the run folder and write the resolved config (or check it exists on resume).
+
+    A fresh run refuses a folder that already holds a run (a config, metrics, checkpoints, a
+    built initial model): with checkpoints it should be resumed; without one (killed before its
+    first checkpoint) or with a different config its files would silently mix with the new
+    run's (e.g. the old tiny initial model trained under the new config). `overwrite=True`
+    clears the folder first (the lock file stays: this process holds it).
+    """
     from psirl.train.config import save_resolved_config
 
     run_dir = Path(config.output_dir)
     if resume:
+        if overwrite:
+            raise ValueError("--overwrite and --resume contradict each other; choose one")
         if not run_dir.is_dir():
             raise FileNotFoundError(f"--resume: run folder {run_dir} does not exist")
         # Overrides given with --resume (e.g. a larger max_steps) become the run's config.
         save_resolved_config(config, run_dir)
         return run_dir
-    if list_checkpoints(run_dir):
-        raise FileExistsError(
-            f"output_dir {run_dir} already holds checkpoints; resume it with "
-            f"`psirl train --resume {run_dir}` or choose another output_dir"
-        )
+    if overwrite:
+        overwrite_run_dir(run_dir)
+    elif any((run_dir / name).exists() for name in _RUN_MARKERS):
+        raise FileExistsError(_refusal(config, run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, run_dir)
     return run_dir
+
+
+def _refusal(config, run_dir: Path) -> str:
+    """Why a fresh run may not use `run_dir`, and the two ways out."""
+    from psirl.train.config import CONFIG_FILE, config_to_dict, read_yaml
+
+    ways = (f"resume it with `psirl train --resume {run_dir}`, start again with --overwrite "
+            "(Python: overwrite=True), or choose another output_dir")
+    try:
+        old = read_yaml(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
+    except Exception:  # an unreadable old config counts as a different one
+        old = {}
+    differs = []
+    if old is not None:
+        new = config_to_dict(config)
+        differs = sorted(k for k in set(old) | set(new)
+                         if k != "output_dir" and old.get(k) != new.get(k))
+    if differs:
+        return (f"output_dir {run_dir} holds a run with a different config (differs in: "
+                f"{', '.join(differs)}); start again with --overwrite (Python: overwrite=True) "
+                "or choose another output_dir")
+    if list_checkpoints(run_dir):
+        return f"output_dir {run_dir} already holds checkpoints; {ways}"
+    return (f"output_dir {run_dir} holds a run left without a completed checkpoint; {ways}")
+
+
+def overwrite_run_dir(run_dir: Path) -> bool:
+    """Clear `run_dir` when it holds a psirl run (else leave it alone); True if cleared.
+
+    A folder without any run file is never emptied, so a mistyped output_dir with --overwrite
+    cannot delete unrelated files."""
+    run_dir = Path(run_dir)
+    if not any((run_dir / name).exists() for name in _RUN_MARKERS):
+        return False
+    log.warning("--overwrite: clearing the earlier run in %s", run_dir)
+    clear_run_dir(run_dir)
+    return True
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete everything in a run folder except its lock file (held by this process)."""
+    for child in Path(run_dir).iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# folder (resolved) -> [open lock file, depth]: the lock is re-entrant within a process, so that
+# run_config (which may clear the folder) and run_loop can both hold it.
+_HELD_LOCKS: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive flock on run_dir/.psirl.lock for the duration (creating the folder).
+
+    A second process asking for the same folder fails at once with RunDirInUse (no waiting):
+    two runs writing one folder would interleave metrics and checkpoints. The kernel drops the
+    lock when the holder dies, so a killed run never leaves the folder locked. Ranks other than
+    0 of a data-parallel run do not lock (rank 0 alone writes the folder).
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield run_dir
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield run_dir
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    fh = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed below, after the run
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise RunDirInUse(
+            f"output_dir {run_dir} is in use by another run"
+            + (f" ({holder})" if holder else "")
+            + "; wait for it to end or choose another output_dir"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}\n")
+    fh.flush()
+    _HELD_LOCKS[key] = [fh, 1]
+    try:
+        yield run_dir
+    finally:
+        _HELD_LOCKS.pop(key, None)
+        fh.close()  # releases the flock
+
+
+def write_run_status(run_dir: Path, state: str, step: int) -> None:
+    """run_dir/status.json: {"state": "finished" | "stopped" | "failed", "step": N}, atomically."""
+    out = Path(run_dir) / STATUS_FILE
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"state": state, "step": step}))
+    os.replace(tmp, out)
+
+
+def read_run_status(run_dir: str | os.PathLike) -> dict | None:
+    """How the last run in the folder ended ({"state", "step"}), or None when unknown."""
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -346,6 +662,7 @@ def run_loop(
     resume: bool = False,
     summary_keys: tuple[str, ...] = ("loss",),
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Run a loop to `config.max_steps`: the one driver behind every `psirl train`.
 
@@ -356,7 +673,20 @@ def run_loop(
     Under torchrun (psirl/train/distributed.py) every rank runs this loop on its shard of each
     step; rank 0 alone writes the run folder, metrics, checkpoints, final/ and the report and
     runs the evaluation; every rank loads the checkpoint on resume.
+
+    Truthfulness: the folder is locked for the whole run (run_dir_lock); a fresh run refuses a
+    used folder unless `overwrite` (prepare_run_dir); an update with a non-finite gradient is
+    skipped (clip_and_step) and counted as `train/skipped_nonfinite`, and
+    `optim.max_nonfinite_steps` such steps in a row stop the run with NonFiniteError; no
+    checkpoint or final/ is written from non-finite weights; status.json says whether the run
+    finished or was stopped by SIGTERM (after its checkpoint) at which step.
     """
+    with run_dir_lock(config.output_dir):
+        return _run_locked(config, build, resume=resume, summary_keys=summary_keys, quiet=quiet,
+                           overwrite=overwrite)
+
+
+def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Path:
     from psirl.track.metrics import MetricsLogger, StepProgress, summary_line
 
     init_distributed(config.device)
@@ -365,7 +695,8 @@ def run_loop(
     # initial model); the other ranks then build from the same files.
     if not main:
         barrier()
-    run_dir = prepare_run_dir(config, resume) if main else Path(config.output_dir)
+    run_dir = (prepare_run_dir(config, resume, overwrite) if main
+               else Path(config.output_dir))
     seed_everything(config.seed)
     spec = build(config, run_dir)
     if main:
@@ -375,11 +706,7 @@ def run_loop(
                          "run it as one process")
     broadcast_parameters(spec.models.values())
 
-    start = 0
-    if resume:
-        ckpts = list_checkpoints(run_dir)
-        if ckpts:
-            start = load_checkpoint(ckpts[-1], spec)
+    start = load_latest_intact_checkpoint(run_dir, spec) if resume else 0
     # Drop metrics logged after the checkpoint we start from (-1: no checkpoint, drop them all).
     # A fresh start drops them all too: they belong to a run killed before its first checkpoint.
     resume_from = start if start > 0 else -1
@@ -395,6 +722,9 @@ def run_loop(
 
     previous = signal.signal(signal.SIGTERM, _on_term) if _in_main_thread() else None
     last_done = start  # the last step completed (and logged) in this process
+    max_nonfinite = getattr(config.optim, "max_nonfinite_steps", 3)
+    nonfinite_streak = 0  # steps in a row with a skipped (non-finite) update
+    take_skipped_updates()  # a count left by an earlier run in this process is not ours
     try:
         if start == 0 and spec.evaluate is not None and eval_every > 0:
             logger.log(0, spec.evaluate(0))
@@ -405,10 +735,16 @@ def run_loop(
                 # before the step, whose scheduler.step() moves it on to the next step's value.
                 lrs = {f"lr/{name}": sched.get_last_lr()[0] for name, sched in spec.schedulers.items()}
                 t0 = time.perf_counter()
-                metrics = dict(spec.step(step, step_generator(config.seed, step)))
+                metrics = _run_step(spec, step, step_generator(config.seed, step))
                 metrics["time/step_s"] = time.perf_counter() - t0
                 metrics.update(lrs)
                 done = step + 1
+                skipped = take_skipped_updates()
+                metrics["train/skipped_nonfinite"] = float(skipped)
+                nonfinite_streak = nonfinite_streak + 1 if skipped else 0
+                if nonfinite_streak >= max_nonfinite:
+                    logger.log(done, metrics)
+                    raise NonFiniteError(_nonfinite_message(run_dir, done, nonfinite_streak))
                 if spec.evaluate is not None and eval_every > 0 and (
                     done % eval_every == 0 or done == config.max_steps
                 ):
@@ -421,6 +757,8 @@ def run_loop(
                 stop_requested["flag"] |= stopping
                 every = config.checkpoint.every
                 if (every > 0 and done % every == 0) or done == config.max_steps or stopping:
+                    if world()[1] > 1:  # every rank raises, instead of rank 0 alone
+                        _check_finite_on_every_rank(spec, done)
                     # Data-parallel: every rank's RNG state goes into rank 0's checkpoint.
                     per_rank = {"rank_rng": gather_objects(_rng_state())} if world()[1] > 1 else {}
                     if main:
@@ -438,14 +776,55 @@ def run_loop(
     # Finished = every step done, even if a SIGTERM arrived during the last one.
     if last_done == config.max_steps and main:
         final = run_dir / FINAL_DIR
+        check_finite_modules({"policy": spec.models["policy"]}, str(final))
         spec.models["policy"].save_pretrained(final, safe_serialization=True)
         if spec.tokenizer is not None:
             spec.tokenizer.save_pretrained(final)
         from psirl.track.report import write_report
 
         write_report(run_dir)
+    if main:
+        finished = last_done == config.max_steps
+        write_run_status(run_dir, "finished" if finished else "stopped", last_done)
     barrier()
     return run_dir
+
+
+def _check_finite_on_every_rank(spec: LoopSpec, step: int) -> None:
+    """Data-parallel: refuse the checkpoint on all ranks together when any holds NaN/inf
+    weights (rank 0's own refusal alone would leave the others waiting at the barrier)."""
+    bad = first_nonfinite_tensor(spec.models)
+    if any_rank(bad is not None):
+        where = f"module {bad[0]!r} ({bad[1]!r})" if bad else "another rank's weights"
+        raise NonFiniteError(f"refusing to write checkpoint step-{step:08d}: non-finite (NaN/inf) "
+                             f"values in {where}; the earlier checkpoints are kept")
+
+
+def _run_step(spec: LoopSpec, step: int, generator: torch.Generator) -> dict:
+    """spec.step, with a failure on NaN/inf weights reported as such: sampling from a NaN policy
+    fails deep inside torch (an index or multinomial error) that does not say why."""
+    try:
+        return dict(spec.step(step, generator))
+    except Exception as exc:
+        bad = first_nonfinite_tensor(spec.models)
+        if bad is None:
+            raise
+        raise NonFiniteError(
+            f"step {step + 1}: failed ({type(exc).__name__}: {exc}) with non-finite (NaN/inf) "
+            f"weights in module {bad[0]!r} ({bad[1]!r}); an earlier update made them so: lower "
+            "optim.lr, check optim.eps"
+        ) from exc
+
+
+def _nonfinite_message(run_dir: Path, step: int, streak: int) -> str:
+    ckpts = list_checkpoints(run_dir)
+    last = f"last good checkpoint: {ckpts[-1]}" if ckpts else "no checkpoint was written"
+    return (
+        f"step {step}: the loss or gradient norm was NaN/inf in {streak} steps in a row "
+        f"(steps {step - streak + 1}..{step}); their updates were skipped and the run is stopped "
+        f"(optim.max_nonfinite_steps={streak}); {last}. Lower optim.lr, check optim.eps and "
+        "the data / rewards of those steps"
+    )
 
 
 class _NoLogger:

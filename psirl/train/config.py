@@ -194,12 +194,39 @@ class OptimConfig(_Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, ge=0)
+    eps: float = 1e-8
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
+    # A step whose loss or gradient norm is NaN/inf skips its update; this many in a row stop
+    # the run (train/base.py run_loop).
+    max_nonfinite_steps: int = Field(3, ge=1)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_keeps_update_finite(cls, v: float) -> float:
+        # AdamW divides by sqrt(v) + eps; a parameter whose gradient has been 0 so far has
+        # m = v = 0, so eps = 0 (or one float32 rounds to 0) makes its update 0/0 = NaN.
+        if not v >= _MIN_ADAM_EPS:
+            raise ValueError(
+                f"{v} makes the AdamW update 0/0 = NaN for any parameter whose gradient is 0 "
+                f"(m = v = 0); it must be at least {_MIN_ADAM_EPS} (usual: 1e-8)"
+            )
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_not_absurd(cls, v: float) -> float:
+        # Adam moves every weight by about lr per step whatever the gradient's scale, so lr > 1
+        # destroys any model in a step or two (and overflows bfloat16 weights to inf).
+        if v > _MAX_ADAM_LR:
+            raise ValueError(
+                f"{v} is above {_MAX_ADAM_LR}: AdamW moves every weight by about lr per step, "
+                "so the weights blow up (usual: 1e-6 to 1e-3)"
+            )
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -210,6 +237,17 @@ class OptimConfig(_Section):
         return v
 
     @model_validator(mode="after")
+    def _decay_keeps_sign(self) -> OptimConfig:
+        # AdamW multiplies each weight by (1 - lr * weight_decay) per step: at >= 1 the weights
+        # are zeroed or flip sign every step.
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(
+                f"optim.weight_decay: lr * weight_decay = {self.lr * self.weight_decay:g} must be "
+                "below 1 (AdamW scales every weight by 1 - lr * weight_decay each step)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _accum_fits_batch(self) -> OptimConfig:
         if self.grad_accum > self.batch_size:
             raise ValueError(
@@ -217,6 +255,11 @@ class OptimConfig(_Section):
                 f"({self.batch_size}): each micro-batch needs at least one example"
             )
         return self
+
+
+# The smallest normal float32: below it AdamW's eps rounds toward 0 in the float32 update.
+_MIN_ADAM_EPS = 1.1754943508222875e-38
+_MAX_ADAM_LR = 1.0
 
 
 class CheckpointConfig(_Section):
@@ -599,11 +642,44 @@ class TrainConfig(_Section):
         if self.loop == "online" and self.algorithm.preset is None:
             raise ValueError("algorithm.preset: the online loop needs a preset (e.g. grpo)")
         if self.algorithm.preset is not None:
-            _check_knobs(self.algorithm.preset, self.algorithm.knobs)
+            knobs = _check_knobs(self.algorithm.preset, self.algorithm.knobs)
+            if self.loop == "online" and knobs is not None:
+                _check_minibatches(knobs, self.optim.batch_size)
+        self._check_data_sizes()
         return self
 
+    def _check_data_sizes(self) -> None:
+        """Settings that would otherwise be silently shrunk or ignored by the loops."""
+        # KTO's batch counts samples, and each task pair gives two.
+        examples = self.data.n_train * (2 if self.preference.loss == "kto" else 1)
+        if self.data.task is not None and examples < self.optim.batch_size:
+            raise ValueError(
+                f"data.n_train: {self.data.n_train} examples of the task, fewer than "
+                f"optim.batch_size={self.optim.batch_size}; each step needs that many distinct "
+                "examples"
+            )
+        if self.eval.every > 0 and self.data.task is None and self.data.eval_path is None:
+            raise ValueError(
+                f"eval.every: {self.eval.every}, but there is no eval set (neither data.eval_path "
+                "nor data.task is set); give one, or set eval.every=0"
+            )
 
-def _check_knobs(preset: str, knobs: dict[str, Any]) -> None:
+
+def _check_minibatches(knobs: Any, batch_size: int) -> None:
+    """split_microbatches would clamp more minibatches than rollout rows to one row each,
+    changing the number of updates per step without a word: refuse it here."""
+    sampling = getattr(knobs, "sampling", None)
+    minibatches = getattr(sampling, "minibatches", 1)
+    rows = getattr(sampling, "group_size", 1) * batch_size
+    if minibatches > rows:
+        raise ValueError(
+            f"algorithm.knobs.sampling.minibatches: {minibatches} minibatches, but a step's "
+            f"rollout has only {rows} rows (optim.batch_size={batch_size} x group_size="
+            f"{getattr(sampling, 'group_size', 1)}); use at most {rows}"
+        )
+
+
+def _check_knobs(preset: str, knobs: dict[str, Any]) -> Any:
     """Resolve the knobs once at load time so a bad knob fails before any model is built.
 
     Warnings about known-bad combinations (warned once per process by psirl.algorithms) are
@@ -613,15 +689,16 @@ def _check_knobs(preset: str, knobs: dict[str, Any]) -> None:
 
     algorithms = _optional_module("psirl.algorithms")
     if algorithms is None:
-        return
+        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            algorithms.resolve_preset(preset, knobs)
+            resolved = algorithms.resolve_preset(preset, knobs)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"algorithm.knobs: {exc}") from None
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return resolved
 
 
 def _needs_task(reward: Any) -> bool:

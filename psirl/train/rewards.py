@@ -3,9 +3,21 @@ cannot stop the run (SafeReward: fallback value, failure count in the metrics)."
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+from typing import Any
 
-from psirl.rewards.base import SafeReward, WeightedReward
+from psirl.rewards.base import SafeReward, WeightedReward, reward_metrics, reward_name
+
+logger = logging.getLogger(__name__)
+
+# Rewards beyond +-1e6 are taken as a bug in the reward (wrong units, an overflow): as float32
+# their square overflows in the advantage's std (1e30 ** 2 = inf), so one such sample would turn
+# the whole batch's advantages into NaN. Decision: such a reward counts as a failed sample, like
+# NaN / inf (SafeReward: `reward.fallback` instead, counted in reward/<name>/failures, the
+# first one logged with its value), never clamped: a clamp would silently change the objective.
+MAX_ABS_REWARD = 1e6
 
 
 def _build(section, task, tokenizer):
@@ -63,8 +75,47 @@ def _build(section, task, tokenizer):
     raise ValueError(f"reward.kind: unknown kind {kind!r}")
 
 
+class RewardScaleGuard:
+    """Pass rewards through, but a finite value with |r| > MAX_ABS_REWARD becomes NaN, which
+    the SafeReward around it counts as a failure (logged here once, with the value)."""
+
+    def __init__(self, fn, max_abs: float = MAX_ABS_REWARD):
+        self.fn = fn
+        self.max_abs = max_abs
+        self.name = reward_name(fn)
+        self._logged = False
+
+    def __call__(self, prompts, completions, records) -> list[Any]:
+        out = []
+        for i, value in enumerate(self.fn(prompts, completions, records)):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                out.append(value)  # SafeReward reports the non-number
+                continue
+            if math.isfinite(number) and abs(number) > self.max_abs:
+                if not self._logged:
+                    self._logged = True
+                    logger.warning("reward %r gave %g for sample %d, beyond +-%g: counted as a "
+                                   "failed sample (reward.fallback); later ones only counted",
+                                   self.name, number, i, self.max_abs)
+                number = math.nan
+            out.append(number)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return reward_metrics(self.fn)
+
+    def __getattr__(self, attr):  # close(), limits, ... of the wrapped reward
+        if attr == "fn":
+            raise AttributeError(attr)
+        return getattr(self.fn, attr)
+
+
 def build_reward(config, task, tokenizer=None, reward_fn=None):
-    """RewardFn for `config.reward`, with per-sample failures replaced by `reward.fallback`.
+    """RewardFn for `config.reward`, with per-sample failures (an exception, a non-number, NaN,
+    inf, |r| > MAX_ABS_REWARD or a timeout) replaced by `reward.fallback` and counted in the
+    metrics.
 
     tokenizer: the policy's, for rewards that count tokens or ask for it. reward_fn: a Python
     callable ``fn(prompts, completions, records) -> list[float]`` (or async) that replaces the
@@ -74,11 +125,12 @@ def build_reward(config, task, tokenizer=None, reward_fn=None):
     if reward_fn is not None:
         from psirl.rewards.python import PythonReward
 
-        timeout = getattr(config.reward, "timeout_s", None) if config.reward.kind == "python" else None
-        fn = PythonReward(reward_fn, tokenizer=tokenizer, timeout_s=timeout)
+        timeout = config.reward.timeout_s if config.reward.kind == "python" else None
+        inner = PythonReward(reward_fn, tokenizer=tokenizer, timeout_s=timeout)
     else:
-        fn = _build(config.reward, task, tokenizer)
-    fn = SafeReward(fn, fallback=config.reward.fallback)
+        inner = _build(config.reward, task, tokenizer)
+    fn = SafeReward(RewardScaleGuard(inner), fallback=config.reward.fallback,
+                    name=reward_name(inner))
     if config.reward.shuffle:
         from psirl.rewards.base import ShuffledReward
 

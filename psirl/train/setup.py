@@ -121,9 +121,11 @@ def pad_prompt_completion(
 def load_prompt_records(config, task) -> list[dict]:
     """Prompt records of the online, preference and self-training loops: a file or the task."""
     if config.data.train_path is not None:
-        from psirl.data.records import load_records
+        from psirl.data.records import check_enough_records, load_records
 
-        return load_records(config.data.train_path, kind="prompt", split=config.data.split)
+        records = load_records(config.data.train_path, kind="prompt", split=config.data.split)
+        check_enough_records(records, config.optim.batch_size, "optim.batch_size", "prompts")
+        return records
     if task is None:
         raise ValueError("data: this loop needs prompts: set data.task or data.train_path")
     return task.make(config.data.n_train, seed=config.seed)

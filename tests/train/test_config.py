@@ -94,7 +94,7 @@ def test_unknown_nested_key_names_the_path(tmp_path):
     path = _write(tmp_path, BASE + "  lrr: 0.1\n")
     assert _error(path) == (
         f"{path}: optim.lrr: unknown key (did you mean 'lr'?); allowed keys here: batch_size, betas, "
-        "eps, grad_accum, grad_clip, lr, schedule, warmup_steps, weight_decay"
+        "eps, grad_accum, grad_clip, lr, max_nonfinite_steps, schedule, warmup_steps, weight_decay"
     )
     path = _write(tmp_path, BASE.replace("hidden_size: 32", "hiden_size: 32"), "c2.yaml")
     assert f"{path}: model.tiny.hiden_size: unknown key (did you mean 'hidden_size'?)" in _error(
@@ -126,9 +126,7 @@ def test_range_checks_name_the_key(base):
     assert _error(base, ["optim.lr=0"]) == (
         f"{base} (override 'optim.lr=0'): optim.lr: Input should be greater than 0 (got 0)"
     )
-    assert _error(base, ["optim.eps=-1e-8"]).endswith(
-        "optim.eps: Input should be greater than or equal to 0 (got -1e-08)"
-    )
+    assert "optim.eps: -1e-08 makes the AdamW update 0/0 = NaN" in _error(base, ["optim.eps=-1e-8"])
     assert _error(base, ["optim.betas=[0.9, 1.0]"]).endswith(
         "optim.betas: betas[1] = 1.0 must be in [0, 1)"
     )
@@ -387,3 +385,25 @@ def test_task_name_and_arguments_are_checked(base, monkeypatch):
         "these arguments: digits: must be in [1, 18], got 30"
     )
     assert "unexpected keyword argument 'digit'" in _error(base, ["data.task_kwargs.digit=3"])
+
+
+# --------------------------------------------------------------------------- update-safety ranges
+
+
+@pytest.mark.parametrize("override, key, words", [
+    # eps = 0: a parameter with zero gradient so far has m = v = 0 and AdamW computes 0/0.
+    ("optim.eps=0", "optim.eps", "0.0 makes the AdamW update 0/0 = NaN"),
+    ("optim.eps=1e-50", "optim.eps", "must be at least 1.1754943508222875e-38"),
+    ("optim.lr=5", "optim.lr", "5.0 is above 1.0"),
+    ("optim.weight_decay=20000", "optim", "lr * weight_decay = 2 must be below 1"),  # lr 1e-4
+    ("optim.betas=[0.9, -0.1]", "optim.betas", "betas[1] = -0.1 must be in [0, 1)"),
+    ("optim.max_nonfinite_steps=0", "optim.max_nonfinite_steps", "greater than or equal to 1"),
+])
+def test_values_that_make_the_update_non_finite_are_rejected(base, override, key, words):
+    line = _error(base, [override])
+    assert f"(override {override!r}): {key}: " in line and words in line, line
+
+
+def test_a_usual_eps_and_lr_are_accepted(base):
+    cfg = load_config(base, ["optim.eps=1e-8", "optim.lr=1e-3", "optim.weight_decay=0.1"])
+    assert (cfg.optim.eps, cfg.optim.lr, cfg.optim.max_nonfinite_steps) == (1e-8, 1e-3, 3)

@@ -194,3 +194,112 @@ def test_the_installed_command_prints_no_traceback(write, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "│" not in proc.stderr
     assert f"error: {data}:2: invalid JSON" in proc.stderr
+
+
+# --------------------------------------------------------------------------- finding 12: bad input
+
+
+def test_a_20_mb_prompt_line_is_rejected_before_parsing(tmp_path):
+    import time
+
+    from psirl.data.errors import DataError
+    from psirl.data.records import MAX_LINE_BYTES, load_records
+
+    data = tmp_path / "p.jsonl"
+    with open(data, "w") as fh:
+        fh.write(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n")
+        fh.write(json.dumps({"prompt": "x" * (20 << 20), "answer": "3"}) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as err:
+        load_records(data, kind="prompt")
+    assert time.monotonic() - t0 < 5  # was 160 s through JSON parsing and tokenization
+    assert str(err.value).startswith(f"{data}:2: line longer than {MAX_LINE_BYTES} bytes")
+    # A line of exactly the limit (its newline not counted) is read as usual.
+    exact = tmp_path / "exact.jsonl"
+    head = '{"prompt": "'
+    tail = '", "answer": "3"}'
+    exact.write_text(head + "y" * (MAX_LINE_BYTES - len(head) - len(tail)) + tail + "\r\n")
+    assert len(load_records(exact, kind="prompt")[0]["prompt"]) == MAX_LINE_BYTES - 29
+
+
+def test_fewer_prompts_than_batch_size_is_an_error(write, tmp_path):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(3)]
+    data = write("p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    text = (f"loop: online\noutput_dir: {tmp_path / 'run'}\nmax_steps: 1\ndevice: cpu\n"
+            f"model: {TINY}\ndata: {{train_path: {data}}}\n"
+            "reward: {kind: verifier}\noptim: {batch_size: 4}\n")
+    out, code = psirl_train(str(write("cfg.yaml", text)))
+    assert code == 2
+    assert one_error_line(out) == (
+        f"error: {data}: 3 prompts, fewer than optim.batch_size=4; each step needs that many "
+        "distinct prompts")
+
+
+def _config_error(overrides):
+    from psirl.train.config import ConfigError, config_from_dict
+
+    raw = {"loop": "online", "output_dir": "x", "model": {"tiny": {}},
+           "data": {"task": "addition", "n_train": 16}, "optim": {"batch_size": 2}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, overrides)
+    return str(err.value)
+
+
+def test_task_with_fewer_examples_than_batch_size(tmp_path):
+    assert _config_error(["data.n_train=1"]).endswith(
+        "data.n_train: 1 examples of the task, fewer than optim.batch_size=2; each step needs "
+        "that many distinct examples")
+
+
+def test_more_minibatches_than_rollout_rows_is_an_error():
+    # grpo: group_size 8 x batch_size 2 = 16 rows; 17 minibatches used to be clamped to 16
+    line = _config_error(["algorithm.knobs={sampling: {group_size: 8, minibatches: 17}}"])
+    assert ("algorithm.knobs.sampling.minibatches: 17 minibatches, but a step's rollout has only "
+            "16 rows (optim.batch_size=2 x group_size=8); use at most 16") in line
+
+
+def test_eval_every_without_an_eval_set_names_the_key(tmp_path):
+    from psirl.train.config import ConfigError, config_from_dict
+
+    raw = {"loop": "sft", "output_dir": "x", "model": {"tiny": {}},
+           "data": {"train_path": str(tmp_path / "d.jsonl")}, "eval": {"every": 5}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert str(err.value).endswith(
+        "eval.every: 5, but there is no eval set (neither data.eval_path nor data.task is set); "
+        "give one, or set eval.every=0")
+    raw["data"]["eval_path"] = str(tmp_path / "e.jsonl")
+    assert config_from_dict(raw).eval.every == 5
+
+
+def test_a_preference_pair_with_chosen_equal_to_rejected_names_the_line(tmp_path):
+    from psirl.data.errors import DataError
+    from psirl.data.records import load_records
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "1+2=", "chosen": "3", "rejected": "4"}) + "\n"
+                    + json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(data, kind="preference")
+    assert str(err.value) == (f"{data}:2: fields 'chosen' and 'rejected' are identical; a "
+                              "preference pair needs two different completions")
+
+
+def test_a_weights_file_missing_a_tensor_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from psirl.models.loading import CheckpointError, load_policy
+    from psirl.models.tiny import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model(folder, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=32)
+    load_policy(folder)  # complete: loads
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        load_policy(folder)
+    assert str(err.value) == (
+        f"{folder}: the weight files have no tensor for model.layers.0.mlp.down_proj.weight "
+        "(they would be left randomly initialised); the checkpoint is incomplete or for another "
+        "architecture")

@@ -14,9 +14,9 @@ import torch
 
 from psirl.algorithms import knobs_to_dict, resolve_preset
 from psirl.models.tiny import make_tiny_model
+from psirl.train.base import step_generator
 from psirl.train.config import config_from_dict
 from psirl.train.online import build_online
-from psirl.train.base import step_generator
 
 ALPHABET = "0123456789+=-"
 
@@ -63,8 +63,9 @@ WATCHED = ("loss/total", "loss/value", "kl/coef", "grad_norm", "reward/mean")
 
 
 def _all_knob_fields() -> set[tuple[str, str]]:
-    from psirl.cli import app  # the fields as `psirl algorithms --json` lists them
     from typer.testing import CliRunner
+
+    from psirl.cli import app  # the fields as `psirl algorithms --json` lists them
 
     rows = json.loads(CliRunner().invoke(app, ["algorithms", "--json"]).stdout)
     return {(section, name) for row in rows for section, fields in row["knobs"].items()

@@ -70,13 +70,14 @@ def config_file(tmp_path_factory):
     return path
 
 
-def run_in_process(config_file: Path, run_dir: Path, *, resume: bool = False) -> Path:
+def run_in_process(config_file: Path, run_dir: Path, *, resume: bool = False,
+                   overwrite: bool = False) -> Path:
     """Train (or resume) in this process with one torch thread, as the subprocesses do."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cfg = load_config(config_file, [f"output_dir={run_dir}"])
-        return run_config(cfg, resume=resume, quiet=True)
+        return run_config(cfg, resume=resume, quiet=True, overwrite=overwrite)
     finally:
         torch.set_num_threads(before)
 
@@ -205,7 +206,7 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(
 @pytest.mark.parametrize("fresh", [False, True], ids=["resume", "start-again"])
 def test_kill_before_the_first_checkpoint(config_file, reference, tmp_path, monkeypatch, fresh):
     """No checkpoint yet: `--resume` starts from step 0, and so does starting the same run again
-    in that folder (the killed run's metrics are dropped, not appended to)."""
+    in that folder with --overwrite (without it the folder is refused: test_run_safety.py)."""
     run = tmp_path / "run"
     _kill_at_checkpoint(monkeypatch, EVERY, after_temp_written=False)
     with pytest.raises(Killed):
@@ -214,7 +215,7 @@ def test_kill_before_the_first_checkpoint(config_file, reference, tmp_path, monk
     assert list_checkpoints(run) == []
     assert _last_logged_step(run) == EVERY
 
-    run_in_process(config_file, run, resume=not fresh)
+    run_in_process(config_file, run, resume=not fresh, overwrite=fresh)
     assert_same_run(reference, run)
 
 
