@@ -125,26 +125,28 @@ def clip_and_step(
 ) -> float:
     """Clip the global grad norm (if asked), step, zero grads; return the pre-clip grad norm.
 
+    The norm is accumulated in float32 whatever the gradients' dtype (a bfloat16 sum of squares
+    over millions of entries loses the clip factor's precision), on the gradients' device.
     With a fused optimiser (``build_optimizer`` picks one) the clip factor goes to the fused
     kernel as its gradient divisor (the ``grad_scale`` hook ``torch.amp.GradScaler`` uses), so
     the gradients are read once by the update instead of being rescaled in a pass of their own:
     ``g / (1 / c)`` with ``c = min(1, max_norm / (norm + 1e-6))``, the factor
-    ``clip_grad_norm_`` multiplies by.
+    ``clip_grad_norm_`` multiplies by. The kernel wants a float32 divisor on the parameters'
+    device (a bfloat16 one raised "expected scalar type Float but found BFloat16").
+    The divisor is built with a clamp rather than an ``if norm > max_norm`` so that the step is
+    queued without waiting for the norm: the one host sync is the returned float, read after
+    the optimiser step has been launched.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    fused = bool(getattr(optimizer, "defaults", {}).get("fused")) and get_total_norm is not None
-    if not grads:
-        grad_norm = 0.0
-    elif fused:
-        total = get_total_norm(grads, foreach=True)
-        grad_norm = float(total)
-        if grad_norm > max_norm:  # c < 1; grad_scale is 1 / c
-            optimizer.grad_scale = (total + 1e-6) / max_norm
-    else:
-        # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
+    clipping = grad_clip is not None and grad_clip > 0
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    total = _grad_norm_fp32(grads) if grads else None
+    if total is not None and clipping:
+        if fused:
+            # 1 / c = max(1, (norm + 1e-6) / max_norm); exactly 1.0 (g / 1 == g) when not clipping.
+            optimizer.grad_scale = ((total + 1e-6) / grad_clip).clamp_min(1.0)
+        else:
+            _scale_grads_(grads, (grad_clip / (total + 1e-6)).clamp_max(1.0))
     try:
         optimizer.step()
     finally:
@@ -153,7 +155,36 @@ def clip_and_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return 0.0 if total is None else float(total)
+
+
+def _grad_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of `grads`, a float32 scalar on the first gradient's device.
+
+    Per (device, dtype) group one ``_foreach_norm`` accumulating in float32; no host sync.
+    """
+    device = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (dev, _), group in groups.items():
+        if dev.type in ("cpu", "cuda"):
+            part = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            part = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in group]
+        norms.extend(n.to(device) for n in part)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _scale_grads_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every gradient in place by the float32 scalar tensor `factor` (no host sync)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), group in groups.items():
+        # A float32 factor times bfloat16 gradients: computed in float32, rounded once.
+        torch._foreach_mul_(group, factor.to(dev))
 
 
 def split_microbatches(n: int, n_micro: int) -> list[slice]:
