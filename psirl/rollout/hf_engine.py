@@ -81,7 +81,9 @@ class HFEngine:
         self.decode = decode
         self.static_check_every = static_check_every
         self.decode_used: str | None = None
-        self._static: dict = {}  # the reused StaticCache (fixed addresses for CUDA graphs)
+        # StaticCaches by (model, rows, length, dtype, device), most recently used last: reused
+        # so CUDA graphs replay on fixed addresses (training and evaluation shapes both kept).
+        self._static: dict = {}
         self._compiled_step = None
         self.version = 0
         pad = (
@@ -304,18 +306,20 @@ class HFEngine:
 
     def _static_cache(self, model, prefill_cache, n: int, batch: int, length: int):
         """A StaticCache of [batch, heads, length, head_dim] per layer holding the prefill
-        (repeated n times per prompt) and positioned after it. The same cache object and tensors
-        are reused while (model, batch, length, dtype) stay the same: CUDA graphs replay on fixed
-        addresses."""
+        (repeated n times per prompt) and positioned after it. The cache object and its tensors
+        are reused for the same (model, batch, length, dtype, device), the last
+        STATIC_CACHES_KEPT shapes kept: CUDA graphs replay on fixed addresses."""
         from transformers import StaticCache
 
         prompt_len = prefill_cache.layers[0].keys.shape[2]
         first = prefill_cache.layers[0].keys
         key = (id(model), batch, length, first.dtype, first.device)
-        if self._static.get("key") != key:
-            self._static = {"key": key, "cache": StaticCache(config=model.config, max_cache_len=length)}
-            self._compiled_step = None
-        cache = self._static["cache"]
+        cache = self._static.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=model.config, max_cache_len=length)
+            while len(self._static) >= STATIC_CACHES_KEPT:  # drop the least recently used
+                self._static.pop(next(iter(self._static)))
+        self._static[key] = cache  # most recently used last
         for src, dst in zip(prefill_cache.layers, cache.layers, strict=True):
             keys = src.keys.repeat_interleave(n, dim=0) if n > 1 else src.keys
             values = src.values.repeat_interleave(n, dim=0) if n > 1 else src.values
@@ -419,6 +423,7 @@ class HFEngine:
 
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
 PROMPT_BUCKET = 16  # static-cache prompt columns are a multiple of this
+STATIC_CACHES_KEPT = 4
 
 
 def _decode_step(model, token, position_ids, attention_mask, cache):
