@@ -39,11 +39,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
                    for p in self.model_params]
         super().__init__(masters, **adamw_kwargs)
         self.master_params = masters
+        # The masters are re-read from the model before the first step: weights changed in place
+        # after construction (e.g. run_loop's data-parallel broadcast from rank 0) are kept.
+        self._masters_current = False
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step: closures are not supported")
+        if not self._masters_current:
+            torch._foreach_copy_(self.master_params, [p.detach() for p in self.model_params])
+            self._masters_current = True
         for p, m in zip(self.model_params, self.master_params, strict=True):
             if p.grad is None:
                 m.grad = None
@@ -72,6 +78,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         masters = state_dict.pop("master_weights", None)
         super().load_state_dict(state_dict)
+        self._masters_current = True
         with torch.no_grad():
             if masters is None:  # a float32 run's optimiser state: start from the model's weights
                 for p, m in zip(self.model_params, self.master_params, strict=True):

@@ -105,3 +105,14 @@ def test_load_state_dict_rejects_a_mismatched_checkpoint():
     state["master_weights"] = [torch.zeros(3)]
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(state)
+
+
+def test_weights_changed_before_the_first_step_are_kept():
+    """run_loop broadcasts rank 0's weights after the optimiser is built: the masters follow."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=0.0, weight_decay=0.0, fused=True)
+    with torch.no_grad():
+        p.copy_(torch.tensor([1.5, -2.0]))
+    p.grad = torch.ones(2, dtype=torch.bfloat16)
+    opt.step()
+    assert p.tolist() == [1.5, -2.0] and opt.master_params[0].tolist() == [1.5, -2.0]
