@@ -73,3 +73,40 @@ def test_grad_norm_is_accumulated_in_float32():
     exact = float(torch.linalg.vector_norm(p.grad.double()))
     opt = torch.optim.AdamW([p], lr=0.0, fused=True)
     assert clip_and_step([p], opt, None, None) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.fixture
+def master_weights(monkeypatch):
+    """build_optimizer's AdamW replaced by train.precision.adamw (the bf16 recipe), as wired in
+    build_optimizer on merge: bf16 parameters get float32 master weights."""
+    from psirl.train import precision
+
+    plain = torch.optim.AdamW
+
+    def adamw(params, **kwargs):
+        params = [p for p in params if p.requires_grad]
+        if any(p.dtype in precision.LOW_PRECISION for p in params):
+            return precision.MasterWeightAdamW(params, **kwargs)
+        return plain(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+
+
+@pytest.mark.parametrize("name", ["online-ppo", "preference-dpo", "sft"])
+def test_bf16_master_weight_recipe_resumes_exactly(tiny_path, tmp_path, name, one_thread,
+                                                   master_weights):
+    """Through run_loop's checkpoints: 2 steps straight == 1 step, then resume for 1 more; the
+    masters travel in the optimiser state (bf16 weights alone would lose the float32 bits)."""
+    straight = run_config(loop_config(name, tiny_path, str(tmp_path / "a"), dtype="bfloat16",
+                                      grad_clip=1.0), quiet=True)
+    run_config(loop_config(name, tiny_path, str(tmp_path / "b"), dtype="bfloat16", grad_clip=1.0,
+                           max_steps=1), quiet=True)
+    resumed = run_config(loop_config(name, tiny_path, str(tmp_path / "b"), dtype="bfloat16",
+                                     grad_clip=1.0), resume=True, quiet=True)
+    a = load_file(str(next((straight / "final").glob("*.safetensors"))))
+    b = load_file(str(next((resumed / "final").glob("*.safetensors"))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(next((straight / "checkpoints").glob("step-*/trainer_state.pt")),
+                       weights_only=True)
+    masters = state["optimizers"]["policy"]["master_weights"]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
