@@ -8,7 +8,9 @@ Sections (pick with --sections, comma-separated; default: all):
   learn    From the same SFT checkpoint: training seconds until held-out greedy accuracy >= target.
   logprob  Peak memory of psirl token_logprobs vs a naive log_softmax, vocab 32k..152k, 1k tokens.
   vocab    The GRPO step again with a 32k vocabulary and 128-token completions.
-  gpu      Qwen2-0.5B shape (random weights) on CUDA, both libraries, + generation tokens/s.
+  gpu      Qwen2-0.5B shape (random weights) on CUDA, both libraries, float32 and bfloat16,
+           + generation tokens/s, peak GPU memory and % of the measured bf16 matmul peak
+           (benchmarks/gpu_bench.py; `bash benchmarks/gpu_check.sh OUT` also runs tests/gpu).
            Skipped (and recorded as skipped) when CUDA is absent.
 
     .venv/bin/python benchmarks/run.py                       # everything, ~15-20 min on 2 cores
@@ -216,22 +218,23 @@ def logprob_section(vocabs: list[int], tokens: int) -> list[dict]:
 
 
 def gpu_section(libs: list[str], steps: int | None) -> dict:
+    """benchmarks/gpu_bench.py (psirl vs TRL, float32 and bfloat16, Qwen2-0.5B shape) in its own
+    process; its JSON is this section's result (`bash benchmarks/gpu_check.sh` adds the tests)."""
+    import subprocess
+
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "CUDA is not available on this machine"}
-    shape = C.SHAPES["qwen0.5b-gpu"]
-    ckpt = C.prepare_checkpoint(shape)
-    from transformers import AutoConfig
-
-    model_cfg = AutoConfig.from_pretrained(ckpt)
-    out = {"gpu": torch.cuda.get_device_name(0), "shape": shape.name}
-    for lib in libs:
-        log(f"gpu {lib} ...")
-        raw = C.run_worker(LIBS[lib], _step_worker_args(shape, ckpt, steps))
-        # matmul peak is a CPU number; on GPU report s/step and tokens/s only
-        out[lib] = summarise_grpo(raw, model_cfg)
-    return out
+    out_dir = C.CACHE / "gpu"
+    cmd = [sys.executable, str(C.HERE / "gpu_bench.py"), "--out-dir", str(out_dir),
+           "--libs", ",".join(libs)] + (["--steps", str(steps)] if steps else [])
+    log("gpu: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, timeout=900)
+    path = out_dir / "gpu_bench.json"
+    if proc.returncode != 0 or not path.exists():
+        return {"skipped": f"gpu_bench.py exited with {proc.returncode}"}
+    return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- report
@@ -370,8 +373,9 @@ def render(results: dict) -> str:
         if "skipped" in g:
             lines += ["#### 5. GPU", "", f"Skipped: {g['skipped']}.", ""]
         else:
-            lines += grpo_table({k: v for k, v in g.items() if k in LIBS},
-                                f"5. GPU ({g['gpu']}): Qwen2-0.5B shape, random weights", None)
+            import gpu_bench
+
+            lines += ["#### 5. GPU", "", gpu_bench.render(g), ""]
     return "\n".join(lines)
 
 

@@ -14,12 +14,19 @@ from torch import Tensor
 __all__ = ["zero_signal_groups", "dynamic_sampling_keep", "threshold_keep", "top_k_per_group"]
 
 
-def _check(rewards: Tensor, group_ids: Tensor) -> None:
+def _check(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Validate the shapes; return `group_ids` on the rewards' device.
+
+    Rewards are often built on the host from a Python list while the engine's group ids live on
+    the GPU: the ids (a small long vector) follow the rewards, and every output is on the
+    rewards' device.
+    """
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
             f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} and "
             f"{tuple(group_ids.shape)}"
         )
+    return group_ids.to(rewards.device)
 
 
 def zero_signal_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -31,14 +38,14 @@ def zero_signal_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
     that totals summed in different orders (e.g. 1.0 - 0.2 - 0.1 vs 1.0 - 0.3) still count as
     equal: a 1e-16 spread is rounding, and dividing by it would blow GRPO's advantages up.
 
-    rewards: [B] float; group_ids: [B] long. Returns bool [n_groups], one entry per distinct
-    group id in ascending order of id (``torch.unique(group_ids)``). A group of one is
-    zero-signal (nothing to compare with).
+    rewards: [B] float; group_ids: [B] long (any device: moved to the rewards'). Returns bool
+    [n_groups] on the rewards' device, one entry per distinct group id in ascending order of id
+    (``torch.unique(group_ids)``). A group of one is zero-signal (nothing to compare with).
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (DAPO dynamic sampling).
     """
-    _check(rewards, group_ids)
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    n = int(inv.max().item()) + 1 if inv.numel() else 0
+    group_ids = _check(rewards, group_ids)
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    n = uniq.numel()  # known on the host once unique returns: no extra .item() sync
     r = rewards.detach()
     base = torch.zeros(n, dtype=r.dtype, device=r.device)
     hi = base.scatter_reduce(0, inv, r, reduce="amax", include_self=False)
@@ -52,11 +59,11 @@ def dynamic_sampling_keep(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
     keep_i = not zero_signal_groups(R, group_ids)[group(i)]
 
-    rewards: [B] float; group_ids: [B] long. Returns bool [B]. The loop resamples until
-    enough groups survive (SamplingKnobs.max_resample_rounds).
+    rewards: [B] float; group_ids: [B] long. Returns bool [B] on the rewards' device. The loop
+    resamples until enough groups survive (SamplingKnobs.max_resample_rounds).
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (DAPO).
     """
-    _check(rewards, group_ids)
+    group_ids = _check(rewards, group_ids)
     _, inv = torch.unique(group_ids, return_inverse=True)
     return ~zero_signal_groups(rewards, group_ids)[inv]
 
@@ -78,11 +85,11 @@ def top_k_per_group(rewards: Tensor, group_ids: Tensor, k: int) -> Tensor:
 
     keep_i = rank of R_i within group(i), descending, is < k (ties broken by lower index).
 
-    rewards: [B] float; group_ids: [B] long; k >= 1. Returns bool [B].
+    rewards: [B] float; group_ids: [B] long; k >= 1. Returns bool [B] on the rewards' device.
     Reference: ../shared/reference/000_7914f6881bc4a22c.txt (Self-Training: "Keep the top-k
     per prompt").
     """
-    _check(rewards, group_ids)
+    group_ids = _check(rewards, group_ids)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     B = rewards.shape[0]

@@ -334,6 +334,7 @@ def best_worst_pairs(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor
     _check_same_shape(rewards=rewards, group_ids=group_ids)
     chosen, rejected = [], []
     r = rewards.detach()
+    group_ids = group_ids.to(r.device)  # rewards are scored on the host, ids may be on the GPU
     for g in torch.unique(group_ids).tolist():
         rows = (group_ids == g).nonzero().flatten()
         values = r[rows]

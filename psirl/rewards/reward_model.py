@@ -23,22 +23,29 @@ class RewardModelReward:
     otherwise ``prompts[i] + completions[i]`` (prompts as the policy saw them). Batches are
     right-padded; over-long texts are truncated from the LEFT so the completion's end is kept.
     Scores are float32 logits of column ``label_index`` (num_labels == 1 for a Bradley–Terry RM).
+
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ... or a
+    torch.device; dtype: "float32" | "bfloat16" | "float16" or a torch.dtype ("bfloat16"
+    halves the model's memory on a GPU; the scores are upcast to float32 either way).
     """
 
     def __init__(
         self,
         path: str | Path,
         *,
-        device: str = "cpu",
-        dtype: str = "float32",
+        device: str | Any = "auto",
+        dtype: str | Any = "float32",
         batch_size: int = 8,
         max_length: int = 2048,
         label_index: int = 0,
         name: str = "reward_model",
     ):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from psirl.models.loading import resolve_dtype
+
+        device = _resolve_device(device)
+        torch_dtype = resolve_dtype(dtype)
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: reward model folder not found (local paths only)")
@@ -57,7 +64,7 @@ class RewardModelReward:
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
+            path, local_files_only=True, use_safetensors=True, dtype=torch_dtype
         ).to(device)
         self.model.eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -65,6 +72,7 @@ class RewardModelReward:
         if not 0 <= label_index < num_labels:
             raise ValueError(f"label_index: must be in [0, {num_labels}), got {label_index}")
         self.device = device
+        self.dtype = torch_dtype
         self.batch_size = batch_size
         self.max_length = max_length
         self.label_index = label_index
@@ -104,3 +112,20 @@ class RewardModelReward:
         check_batch(prompts, completions, records)
         texts = [self.text(p, c, r) for p, c, r in zip(prompts, completions, records, strict=True)]
         return self.score_texts(texts)
+
+
+def _resolve_device(device):
+    """torch.device of a reward model: "auto" is CUDA when available, else the CPU."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {device!r} requested for the reward model but CUDA is not available")
+    return resolved

@@ -13,6 +13,16 @@ for the whole completion) plus a second pass to get them right. This loop:
   as soon as every row has finished;
 * runs under ``torch.inference_mode`` with the model in eval mode (restored afterwards).
 
+On CUDA (``decode="auto"``) the decode steps instead run on a transformers ``StaticCache`` of fixed
+shape [rows, prompt bucket + max_new_tokens], with the step's forward compiled by
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs: one launch per token instead of one per
+kernel). Rows are not compacted (fixed shapes), the attention mask is constant (finished rows'
+outputs are ignored, as in the dynamic loop) and ``done.all()`` is read every
+``static_check_every`` tokens instead of every token, so the loop queues work without host
+syncs. Same seed, same samples: the sampler draws one uniform per row per step either way, so
+``decode="static"`` gives the tokens of ``decode="dynamic", compact_finished=False`` (tested on
+the CPU). Stop strings need a host-side decode every token, so they use the dynamic loop.
+
 Behaviour log-probs are ``log softmax(z / temperature)[token]`` - the temperature-scaled
 distribution BEFORE top-p / top-k truncation (for greedy decoding, temperature 0, the plain T=1
 softmax). With top_p = 1 and top_k = 0 this is exactly the sampling distribution, and it equals
@@ -40,6 +50,12 @@ class HFEngine:
     device: where prompts are placed; defaults to the model's device.
     compact_finished: drop finished rows from the KV cache during decoding (faster when lengths
         differ; results are identical up to floating-point summation order).
+    decode: "dynamic" (DynamicCache, the CPU default), "static" (StaticCache, eager),
+        "compiled" (StaticCache + torch.compile with CUDA graphs), or "auto": "compiled" on CUDA,
+        "dynamic" elsewhere. A compiled step that fails to build falls back to "static" once,
+        with a warning (`self.decode_used` says which path the last call took).
+    static_check_every: with a static cache, read ``done.all()`` (a host sync) every this many
+        tokens; extra steps after every row has ended only decode padding.
     """
 
     def __init__(
@@ -49,6 +65,8 @@ class HFEngine:
         device: str | torch.device | None = None,
         *,
         compact_finished: bool = True,
+        decode: str = "auto",
+        static_check_every: int = 8,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -56,6 +74,17 @@ class HFEngine:
             torch.device(device) if device is not None else next(model.parameters()).device
         )
         self.compact_finished = compact_finished
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode: expected one of {DECODE_MODES}, got {decode!r}")
+        if static_check_every < 1:
+            raise ValueError(f"static_check_every: must be >= 1, got {static_check_every}")
+        self.decode = decode
+        self.static_check_every = static_check_every
+        self.decode_used: str | None = None
+        # StaticCaches by (model, rows, length, dtype, device), most recently used last: reused
+        # so CUDA graphs replay on fixed addresses (training and evaluation shapes both kept).
+        self._static: dict = {}
+        self._compiled_step = None
         self.version = 0
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -116,14 +145,48 @@ class HFEngine:
         # Built outside inference mode: the batch's tensors feed autograd in the trainer.
         return self._assemble(list(prompts), *decoded, params)
 
+    def _decode_mode(self, params: SamplingParams) -> str:
+        mode = self.decode
+        if mode == "auto":
+            mode = "compiled" if self.device.type == "cuda" else "dynamic"
+        if mode != "dynamic" and (params.stop or not _static_cache_supported(self.model)):
+            mode = "dynamic"  # stop strings are checked on the host every token
+        return mode
+
     def _decode(self, model: nn.Module, prompts: list[str], params: SamplingParams) -> tuple:
         """The sampling loop. Returns (prompt ids [N, P], prompt mask [N, P], n, completion ids
         [B, T], behaviour log-probs [B, T], lengths [B], stopped [B]) as inference tensors."""
+        mode = self._decode_mode(params)
+        if mode == "compiled":
+            try:
+                out = self._decode_prompts(model, prompts, params, mode)
+                self.decode_used = mode
+                return out
+            except Exception as exc:  # noqa: BLE001 - any compile / CUDA-graph failure
+                import warnings
+
+                warnings.warn(f"HFEngine: compiled decoding failed ({type(exc).__name__}: {exc}); "
+                              "using the static-cache loop without compilation", stacklevel=3)
+                self.decode = "static"
+                self._compiled_step = None
+                mode = "static"
+        self.decode_used = mode
+        return self._decode_prompts(model, prompts, params, mode)
+
+    def _decode_prompts(self, model: nn.Module, prompts: list[str], params: SamplingParams,
+                        mode: str) -> tuple:
         device = self.device
         n = params.n
         prompt_ids = self.encode_prompts(prompts)
         n_prompts = len(prompt_ids)
         prompt_len = max(len(ids) for ids in prompt_ids)
+        extra_cols = 0
+        if mode != "dynamic":
+            # Prompt columns rounded up, so the static shapes (and the compiled graph) repeat
+            # across steps whose longest prompt differs by a few tokens; the extra all-padding
+            # columns are dropped from the returned batch.
+            extra_cols = -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET - prompt_len
+            prompt_len += extra_cols
         ids_p = torch.full((n_prompts, prompt_len), self.pad_token_id, dtype=torch.long)
         mask_p = torch.zeros((n_prompts, prompt_len), dtype=torch.long)
         for i, ids in enumerate(prompt_ids):
@@ -139,6 +202,10 @@ class HFEngine:
         out = prefill_prompts(model, ids_p, mask_p, logits_to_keep=1)
         logits = out.logits[:, -1, :]
         cache = out.past_key_values
+        if mode != "dynamic":
+            tokens, logp, lengths, stopped = self._decode_static(
+                model, mask_p, n, logits, cache, params, generator, compiled=mode == "compiled")
+            return ids_p[:, extra_cols:], mask_p[:, extra_cols:], n, tokens, logp, lengths, stopped
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
@@ -196,6 +263,86 @@ class HFEngine:
             next_pos = next_pos + live
 
         return ids_p, mask_p, n, tokens_out[:, :steps], logp_out[:, :steps], lengths, stopped
+
+    def _decode_static(self, model, mask_p, n, logits, prefill_cache, params, generator, *,
+                       compiled: bool):
+        """Decode on a StaticCache [rows, P + max_new] filled from the prefill; returns
+        (completion ids [B, T], behaviour log-probs [B, T], lengths [B], stopped [B])."""
+        device = self.device
+        max_new = params.max_new_tokens
+        n_prompts, prompt_len = mask_p.shape
+        batch = n_prompts * n
+        cache = self._static_cache(model, prefill_cache, n, batch, prompt_len + max_new)
+        if n > 1:
+            logits = logits.repeat_interleave(n, dim=0)
+        # Constant mask: prompt padding, then every generated column. A finished row keeps
+        # decoding padding, attending to it; its outputs are dropped, as in the dynamic loop.
+        mask_rows = mask_p.repeat_interleave(n, dim=0)
+        attn = torch.cat([mask_rows, mask_rows.new_ones(batch, max_new)], dim=1)
+        next_pos = mask_rows.sum(-1)
+
+        tokens_out = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logp_out = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        step = self._step_fn(compiled)
+        for t in range(max_new):
+            token, logp = _sample(logits, params, generator)
+            token = token.masked_fill(stopped, self.pad_token_id)
+            tokens_out[:, t] = token
+            logp_out[:, t] = logp.masked_fill(stopped, 0.0)
+            ended = ~stopped & torch.isin(token, eos)
+            lengths = torch.where(ended, t + 1, lengths)
+            stopped = stopped | ended
+            if t == max_new - 1:
+                break
+            if (t + 1) % self.static_check_every == 0 and bool(stopped.all()):
+                break
+            logits = step(model, token.unsqueeze(-1), next_pos.unsqueeze(-1), attn, cache)
+            next_pos = next_pos + (~stopped).long()
+        steps = int(lengths.max())  # the dynamic loop's length: the last row's end, or max_new
+        return tokens_out[:, :steps], logp_out[:, :steps], lengths, stopped
+
+    def _static_cache(self, model, prefill_cache, n: int, batch: int, length: int):
+        """A StaticCache of [batch, heads, length, head_dim] per layer holding the prefill
+        (repeated n times per prompt) and positioned after it. The cache object and its tensors
+        are reused for the same (model, batch, length, dtype, device), the last
+        STATIC_CACHES_KEPT shapes kept: CUDA graphs replay on fixed addresses."""
+        from transformers import StaticCache
+
+        prompt_len = prefill_cache.layers[0].keys.shape[2]
+        first = prefill_cache.layers[0].keys
+        key = (id(model), batch, length, first.dtype, first.device)
+        cache = self._static.pop(key, None)
+        if cache is None:
+            cache = StaticCache(config=model.config, max_cache_len=length)
+            while len(self._static) >= STATIC_CACHES_KEPT:  # drop the least recently used
+                self._static.pop(next(iter(self._static)))
+        self._static[key] = cache  # most recently used last
+        for src, dst in zip(prefill_cache.layers, cache.layers, strict=True):
+            keys = src.keys.repeat_interleave(n, dim=0) if n > 1 else src.keys
+            values = src.values.repeat_interleave(n, dim=0) if n > 1 else src.values
+            if not dst.is_initialized:
+                dst.lazy_initialization(keys, values)
+            dst.keys[:, :, :prompt_len].copy_(keys)
+            dst.values[:, :, :prompt_len].copy_(values)
+            dst.cumulative_length.fill_(prompt_len)
+        return cache
+
+    def _step_fn(self, compiled: bool):
+        if not compiled:
+            return _decode_step
+        if self._compiled_step is None:
+            compiled_fn = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+
+            def step(*args):
+                # A new CUDA-graph iteration: the previous step's logits were consumed (sampled).
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled_fn(*args).clone()
+
+            self._compiled_step = step
+        return self._compiled_step
 
     def _hit_stop(
         self,
@@ -272,6 +419,53 @@ class HFEngine:
             completions=[_cut_at_stop(text, params.stop) for text in texts],
             pad_token_id=self.pad_token_id,
         )
+
+
+DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+PROMPT_BUCKET = 16  # static-cache prompt columns are a multiple of this
+STATIC_CACHES_KEPT = 4
+
+
+def _decode_step(model, token, position_ids, attention_mask, cache):
+    """One decode forward on a StaticCache: next-token logits [rows, V] of `token` [rows, 1]."""
+    out = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids,
+                **{_CACHE_KWARG: cache}, use_cache=True)
+    return out.logits[:, -1, :]
+
+
+def _static_cache_supported(model: nn.Module) -> bool:
+    """Whether the static-cache loop serves `model`: transformers >= 5, whose StaticCache layer
+    tracks its own write position (``cumulative_length``, set by `_static_cache` after the
+    prefill is copied in), and every layer a full-attention ``StaticLayer`` (sliding-window
+    layers keep a rolling buffer the copy does not fill)."""
+    try:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return False
+    if "cumulative_length" not in getattr(StaticLayer, "__annotations__", {}):
+        return False
+    try:
+        layers = StaticCache(config=unwrap_peft(model).config, max_cache_len=1).layers
+    except Exception:  # noqa: BLE001 - an architecture transformers has no static cache for
+        return False
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
+def _cache_kwarg() -> str:
+    """The decoder's cache argument: ``cache`` in transformers >= 5.2x, ``past_key_values``
+    before (still accepted, with a deprecation warning that would break a compiled graph)."""
+    import inspect
+
+    try:
+        from transformers import Qwen2Model
+
+        return "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+    except ImportError:
+        return "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
 
 
 def _sample(

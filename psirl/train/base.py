@@ -101,7 +101,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim) -> torch.optim.
     # The fused kernel updates every tensor in one pass (about 4x faster than the default
     # per-tensor loop on CPU here); same update rule, float rounding aside.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trainable)
-    return torch.optim.AdamW(
+    from psirl.train.precision import adamw  # bf16 weights: float32 master weights and state
+
+    return adamw(
         trainable,
         lr=optim.lr,
         betas=tuple(optim.betas),
@@ -147,36 +149,39 @@ def clip_and_step(
 ) -> float:
     """Clip the global grad norm (if asked), step, zero grads; return the pre-clip grad norm.
 
+    The norm is accumulated in float32 whatever the gradients' dtype (a bfloat16 sum of squares
+    over millions of entries loses the clip factor's precision), on the gradients' device.
     With a fused optimiser (``build_optimizer`` picks one) the clip factor goes to the fused
     kernel as its gradient divisor (the ``grad_scale`` hook ``torch.amp.GradScaler`` uses), so
     the gradients are read once by the update instead of being rescaled in a pass of their own:
     ``g / (1 / c)`` with ``c = min(1, max_norm / (norm + 1e-6))``, the factor
-    ``clip_grad_norm_`` multiplies by.
+    ``clip_grad_norm_`` multiplies by. The kernel wants a float32 divisor on the parameters'
+    device (a bfloat16 one raised "expected scalar type Float but found BFloat16"); the divisor
+    is built with a clamp rather than an ``if norm > max_norm`` so that a fused step is queued
+    without waiting for the norm (the one host sync is the returned float).
 
     A non-finite norm (a NaN / inf loss or gradient) skips the update: weights and optimiser
     state are left as they were (the fused kernel's ``found_inf`` flag, GradScaler's mechanism,
-    which also undoes the step count), the LR schedule still advances, and the skip is counted
-    for run_loop (``take_skipped_updates``), which logs it and stops a run after
-    ``optim.max_nonfinite_steps`` such steps in a row.
+    which also undoes the step count; a non-fused optimiser is not stepped), the LR schedule
+    still advances, and the skip is counted for run_loop (``take_skipped_updates``), which logs
+    it and stops a run after ``optim.max_nonfinite_steps`` such steps in a row.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    max_norm = grad_clip if grad_clip is not None and grad_clip > 0 else float("inf")
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    fused = bool(getattr(optimizer, "defaults", {}).get("fused")) and get_total_norm is not None
-    if not grads:
-        grad_norm = 0.0
-    elif fused:
-        total = get_total_norm(grads, foreach=True)
+    clipping = grad_clip is not None and grad_clip > 0
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    total = _grad_norm_fp32(grads) if grads else None
+    if total is not None and clipping:
+        if fused:
+            # 1 / c = max(1, (norm + 1e-6) / max_norm); exactly 1.0 (g / 1 == g) when not clipping.
+            optimizer.grad_scale = ((total + 1e-6) / grad_clip).clamp_min(1.0)
+        else:
+            _scale_grads_(grads, (grad_clip / (total + 1e-6)).clamp_max(1.0))
+    if total is not None and fused:
         _skip_update_if_nonfinite(optimizer, total)
-        grad_norm = float(total)
-        if grad_norm > max_norm:  # c < 1; grad_scale is 1 / c
-            optimizer.grad_scale = (total + 1e-6) / max_norm
-    else:
-        # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
-    finite = math.isfinite(grad_norm)
+    # Non-fused: the norm is read before the step, which is skipped when it is not finite.
+    grad_norm = None if fused or total is None else float(total)
     try:
-        if finite or fused:  # fused: the kernel itself skips a non-finite update (found_inf)
+        if grad_norm is None or math.isfinite(grad_norm):  # fused: the kernel skips (found_inf)
             optimizer.step()
     finally:
         for hook in ("grad_scale", "found_inf"):
@@ -185,9 +190,40 @@ def clip_and_step(
     if scheduler is not None:
         _step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
-    if not finite:
+    if grad_norm is None:
+        grad_norm = 0.0 if total is None else float(total)
+    if not math.isfinite(grad_norm):
         _NONFINITE["skipped"] += 1
     return grad_norm
+
+
+def _grad_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of `grads`, a float32 scalar on the first gradient's device.
+
+    Per (device, dtype) group one ``_foreach_norm`` accumulating in float32; no host sync.
+    """
+    device = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (dev, _), group in groups.items():
+        if dev.type in ("cpu", "cuda"):
+            part = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            part = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in group]
+        norms.extend(n.to(device) for n in part)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _scale_grads_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every gradient in place by the float32 scalar tensor `factor` (no host sync)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), group in groups.items():
+        # A float32 factor times bfloat16 gradients: computed in float32, rounded once.
+        torch._foreach_mul_(group, factor.to(dev))
 
 
 # Updates skipped by clip_and_step since run_loop last read the count (one process, one run).

@@ -51,3 +51,19 @@ def test_top_k_per_group_with_ties_broken_by_index():
 def test_shape_errors():
     with pytest.raises(ValueError, match="group_ids"):
         zero_signal_groups(torch.zeros(3), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fn", ["zero_signal_groups", "dynamic_sampling_keep", "top_k_per_group"])
+def test_outputs_live_on_the_rewards_device(fn):
+    """Every output is on the rewards' device (the group ids follow the rewards); the CUDA case
+    with rewards on the host and ids on the GPU is in tests/gpu/test_cuda_loops.py."""
+    import psirl.core.filters as filters
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    args = (rewards, groups, 1) if fn == "top_k_per_group" else (rewards, groups)
+    out = getattr(filters, fn)(*args)
+    assert out.device == rewards.device and out.dtype == torch.bool
+    expected = {"zero_signal_groups": [False, True], "dynamic_sampling_keep": [True, True, False, False],
+                "top_k_per_group": [True, False, True, False]}[fn]
+    assert out.tolist() == expected

@@ -94,3 +94,26 @@ def test_missing_folder_and_pickle_only_folder_are_refused(tmp_path, reward_mode
     (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         RewardModelReward(pickle_only)
+
+
+def test_device_and_dtype_are_settings(reward_model_dir):
+    """'auto' is the CPU without CUDA; bfloat16 weights give float32 scores close to float32's."""
+    auto = RewardModelReward(reward_model_dir)
+    expected_type = "cuda" if torch.cuda.is_available() else "cpu"
+    assert auto.device.type == expected_type
+    assert next(auto.model.parameters()).device.type == expected_type
+    cpu32 = RewardModelReward(reward_model_dir, device="cpu")
+    cpu16 = RewardModelReward(reward_model_dir, device=torch.device("cpu"), dtype="bfloat16")
+    assert next(cpu16.model.parameters()).dtype == torch.bfloat16 and cpu16.dtype == torch.bfloat16
+    texts = ["1+1=2", "12+34=46", "a"]
+    s32, s16 = cpu32.score_texts(texts), cpu16.score_texts(texts)
+    assert all(isinstance(s, float) for s in s16)
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); a few roundings in the layer: 2%
+    assert s16 == pytest.approx(s32, rel=2e-2)
+
+
+def test_bad_device_or_dtype_is_named(reward_model_dir):
+    with pytest.raises(ValueError, match="dtype"):
+        RewardModelReward(reward_model_dir, device="cpu", dtype="float8")
+    with pytest.raises(ValueError, match="device"):
+        RewardModelReward(reward_model_dir, device="gpu0")
