@@ -172,8 +172,9 @@ def test_a_reward_that_raises_on_some_samples_is_counted_not_fatal(tiny_dir, tmp
 
 
 def test_an_async_reward_receives_the_tokenizer(tiny_dir, tmp_path, reward_module):
-    from psirl.train.rewards import build_reward
     from transformers import AutoTokenizer
+
+    from psirl.train.rewards import build_reward
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     cfg = config_from_dict(_grpo(tiny_dir, tmp_path / "run",
@@ -197,8 +198,9 @@ def test_a_hung_reward_fails_its_samples_after_the_timeout(tiny_dir, tmp_path, r
 
 
 def test_length_reward_counts_tokens_of_the_policy_tokenizer(tiny_dir, tmp_path):
-    from psirl.train.rewards import build_reward
     from transformers import AutoTokenizer
+
+    from psirl.train.rewards import build_reward
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     cfg = config_from_dict(_grpo(tiny_dir, tmp_path / "run", {
