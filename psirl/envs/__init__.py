@@ -46,3 +46,44 @@ def build_env_factory(name: str, kwargs: dict[str, Any] | None = None) -> Callab
     except TypeError as exc:
         raise ValueError(f"env.kwargs: {name!r} does not accept {sorted(kwargs)} ({exc})") from exc
     return lambda: cls(**kwargs)
+
+
+def run_env_episodes(env_config, engine, records, params):
+    """``run_episodes`` with the settings of a config's ``env`` section (EnvConfig): the call
+    the online loop makes instead of ``engine.generate`` when ``config.env`` is set."""
+    from psirl.rollout.episode import run_episodes
+
+    return run_episodes(
+        engine,
+        build_env_factory(env_config.name, env_config.kwargs),
+        records,
+        params,
+        max_turns=env_config.max_turns,
+        max_episode_tokens=env_config.max_episode_tokens,
+        observation_role=env_config.observation_role,
+        chat=env_config.chat,
+    )
+
+
+def evaluate_env(env_config, engine, records, max_new_tokens: int, *, seed: int = 0,
+                 greedy: bool = True) -> dict[str, float]:
+    """Held-out success of the policy on ``records`` as episodes (greedy by default).
+
+    Returns eval/env_success (share of episodes whose return is > 0 and that the environment
+    ended), eval/env_return (mean return), eval/env_turns, and eval/env_<metric> for the
+    environment's step metrics (e.g. eval/env_tool_call: share of turns that called a tool).
+    """
+    from psirl.rollout.batch import SamplingParams
+
+    params = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens,
+                            n=1, seed=seed)
+    episodes = run_env_episodes(env_config, engine, list(records), params)
+    done = ~episodes.batch.truncated
+    out = {
+        "eval/env_success": float(((episodes.rewards > 0) & done).float().mean()),
+        "eval/env_return": float(episodes.rewards.mean()),
+        "eval/env_turns": float(episodes.turns.float().mean()),
+    }
+    out.update({f"eval/env_{k[4:]}": v for k, v in episodes.metrics.items()
+                if k.startswith("env/")})
+    return out

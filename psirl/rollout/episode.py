@@ -93,7 +93,8 @@ class EpisodeBatch:
         or tokens) ended the episode before the environment said done; ``completions`` is the
         decoded episode (model and environment text).
     rewards: [B] float32, the episode return (sum of the turns' rewards).
-    token_rewards: [B, T] float32, each turn's reward on that turn's last model token.
+    token_rewards: [B, T] float32, each turn's reward on that turn's last model token (the same
+        tensor as ``batch.token_rewards``, so it follows the rows through select / cat).
     turns: [B] int64, model turns per episode.
     model_turn_spans: per row, the (start, end) completion columns of each model turn.
     metrics: episode/turns_mean, episode/env_tokens_mean, episode/model_tokens_mean,
@@ -301,11 +302,7 @@ def run_episodes(
             ep.context += obs
 
     batch = _assemble(episodes, prompts, tokenizer, engine, params.n)
-    steps = batch.completion_len
-    token_rewards = torch.zeros((len(episodes), steps), dtype=torch.float32)
-    for row, ep in enumerate(episodes):
-        for col, reward in ep.rewards:
-            token_rewards[row, col] += reward
+    token_rewards = batch.token_rewards
     model_tokens = batch.completion_mask.sum(dim=1)
     env_tokens = batch.attention_mask[:, batch.prompt_len :].sum(dim=1) - model_tokens
     turns = torch.tensor([len(ep.spans) for ep in episodes], dtype=torch.long)
@@ -357,6 +354,10 @@ def _assemble(
             completion_mask[r, :t] = torch.tensor(ep.is_model, dtype=torch.float32)
             logp[r, :t] = torch.tensor(ep.logp, dtype=torch.float32)
     group_ids = torch.arange(rows // n, dtype=torch.long).repeat_interleave(n)
+    token_rewards = torch.zeros((rows, steps), dtype=torch.float32)
+    for r, ep in enumerate(episodes):
+        for col, reward in ep.rewards:
+            token_rewards[r, col] += reward
     return RolloutBatch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -370,4 +371,5 @@ def _assemble(
         prompts=list(prompts),
         completions=tokenizer.batch_decode([ep.ids for ep in episodes], skip_special_tokens=True),
         pad_token_id=int(pad),
+        token_rewards=token_rewards,
     )

@@ -291,3 +291,19 @@ def test_bad_inputs_name_the_setting(merge_policy):
 
     with pytest.raises(TypeError, match="BadEnv.step returned float"):
         run_episodes(HFEngine(model, tokenizer), lambda: BadEnv(), [{"prompt": "a"}], params)
+
+
+def test_token_rewards_follow_rows_through_select_and_cat(merge_policy):
+    model, tokenizer = merge_policy
+    _, ep = run_echo(model, tokenizer, seed=4)
+    batch = ep.batch
+    assert batch.token_rewards is ep.token_rewards
+    picked = batch.select([5, 0])
+    assert torch.equal(picked.token_rewards, batch.token_rewards[[5, 0]])
+    plain = HFEngine(model, tokenizer).generate(["abc"], SamplingParams(max_new_tokens=2, seed=0))
+    both = type(batch).cat([picked, plain])
+    assert torch.equal(both.token_rewards[:2, : batch.completion_len], picked.token_rewards)
+    assert both.token_rewards[2:].abs().sum() == 0
+    assert plain.token_rewards is None and plain.to("cpu").token_rewards is None
+    with pytest.raises(ValueError, match="token_rewards"):
+        type(batch)(**{**batch.__dict__, "token_rewards": torch.zeros(1, 1)})
