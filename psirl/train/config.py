@@ -420,7 +420,8 @@ class EnvConfig(_Section):
     to the class. max_turns: model turns per episode at most; max_episode_tokens: model +
     environment tokens after the prompt at most (None: no cap beyond the turns').
     observation_role: the chat role of the environment's turns; chat: wrap them in the chat
-    template's turn markers (None = when the tokenizer has a template).
+    template's turn markers (set it with chat-templated prompts, data.chat: true; None = when
+    the tokenizer has a template); false (default): the observation text as it is.
     """
 
     name: str
@@ -428,7 +429,7 @@ class EnvConfig(_Section):
     max_turns: int = Field(4, ge=1)
     max_episode_tokens: int | None = Field(None, ge=1)
     observation_role: str = "user"
-    chat: bool | None = None
+    chat: bool | None = False
 
     @model_validator(mode="after")
     def _buildable(self) -> EnvConfig:
