@@ -69,18 +69,25 @@ def evaluate_env(env_config, engine, records, max_new_tokens: int, *, seed: int 
                  greedy: bool = True) -> dict[str, float]:
     """Held-out success of the policy on ``records`` as episodes (greedy by default).
 
-    Returns eval/env_success (share of episodes whose return is > 0 and that the environment
-    ended), eval/env_return (mean return), eval/env_turns, and eval/env_<metric> for the
+    Returns eval/env_success (share of episodes that the environment ended with a positive
+    reward on the final turn: for the built-in environments, a correct answer; per-turn bonuses
+    do not count), eval/env_return (mean return), eval/env_turns, and eval/env_<metric> for the
     environment's step metrics (e.g. eval/env_tool_call: share of turns that called a tool).
     """
+    import torch
+
     from psirl.rollout.batch import SamplingParams
 
     params = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens,
                             n=1, seed=seed)
     episodes = run_env_episodes(env_config, engine, list(records), params)
-    done = ~episodes.batch.truncated
+    batch = episodes.batch
+    done = ~batch.truncated
+    steps = torch.arange(batch.completion_len)
+    last = torch.where(batch.completion_mask > 0, steps, -1).max(dim=1).values.clamp(min=0)
+    final_reward = episodes.token_rewards.gather(1, last.unsqueeze(1)).squeeze(1)
     out = {
-        "eval/env_success": float(((episodes.rewards > 0) & done).float().mean()),
+        "eval/env_success": float(((final_reward > 0) & done).float().mean()),
         "eval/env_return": float(episodes.rewards.mean()),
         "eval/env_turns": float(episodes.turns.float().mean()),
     }

@@ -122,8 +122,9 @@ class CalculatorEnv:
     def step(self, turn: str) -> EnvStep:
         match = self._call.search(turn)
         if match is None:
-            return EnvStep(reward=final_answer_reward(turn, self.record), done=True,
-                           metrics={"tool_call": 0.0})
+            correct = final_answer_reward(turn, self.record)
+            return EnvStep(reward=correct, done=True,
+                           metrics={"tool_call": 0.0, "correct": correct})
         try:
             value, ok = format_number(safe_eval(match.group(1))), 1.0
         except ValueError:

@@ -70,8 +70,9 @@ class PythonToolEnv:
     def step(self, turn: str) -> EnvStep:
         match = self._call.search(turn)
         if match is None:
-            return EnvStep(reward=final_answer_reward(turn, self.record), done=True,
-                           metrics={"tool_call": 0.0})
+            correct = final_answer_reward(turn, self.record)
+            return EnvStep(reward=correct, done=True,
+                           metrics={"tool_call": 0.0, "correct": correct})
         name, argument = match.group(1), match.group(2).strip()
         if name not in self.tools:
             output, ok = f"unknown tool {name!r}; tools: {', '.join(self.tools)}", False

@@ -55,3 +55,17 @@ def test_tool_user_succeeds_and_guesser_fails():
     assert tool["eval/env_tool_call"] == 0.5 and tool["eval/env_tool_ok"] == 1.0
     guess = evaluate_env(config, ScriptedEngine(False), records, max_new_tokens=12)
     assert guess["eval/env_success"] == 0.0 and guess["eval/env_turns"] == 1.0
+
+
+def test_a_call_bonus_is_not_success():
+    """With call_bonus the return is positive for every tool call; success counts only the
+    final answer's reward."""
+    records = get_task("addition", digits=3).make(4, seed=0)
+    config = EnvConfig(name="calculator", max_turns=3,
+                       kwargs={"open_tag": "[", "close_tag": "]", "result_template": "={value}\n",
+                               "call_bonus": 0.5})
+    engine = ScriptedEngine(True)
+    engine.turn = lambda context: (f"[{context[:-1]}]" if context.endswith("=") else "0")
+    out = evaluate_env(config, engine, records, max_new_tokens=12)
+    assert out["eval/env_return"] == 0.5 and out["eval/env_success"] == 0.0
+    assert out["eval/env_correct"] == 0.0
