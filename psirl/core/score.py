@@ -54,14 +54,20 @@ def reward_tokens(
     behaviour_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     kl_coef: float | None = None,
+    turn_rewards: Tensor | None = None,
 ) -> Tensor:
     """r_{i,t} of the module docstring: [B] rewards -> [B, T] per-token rewards (mask's float dtype).
 
     The KL term enters only when both log-probs are given, the placement is a reward placement
-    and the coefficient (kl_coef, else loss_knobs.kl_coef) is non-zero.
+    and the coefficient (kl_coef, else loss_knobs.kl_coef) is non-zero. turn_rewards: [B, T]
+    per-turn rewards of multi-turn episodes (each on its turn's last model token), used instead
+    of placing R_i on the last token, so reward-to-go / GAE see when each was earned.
     """
     dtype = mask.dtype if mask.is_floating_point() else torch.float32
-    token_rewards = place_on_last_token(rewards.to(dtype), mask)
+    if turn_rewards is not None:
+        token_rewards = turn_rewards.to(dtype) * mask
+    else:
+        token_rewards = place_on_last_token(rewards.to(dtype), mask)
     beta = float(loss_knobs.kl_coef if kl_coef is None else kl_coef)
     if (ref_logp is not None and behaviour_logp is not None
             and loss_knobs.kl_placement in REWARD_PLACEMENTS and beta != 0.0):
@@ -83,6 +89,7 @@ def score_rollouts(
     values: Tensor | None = None,
     kl_coef: float | None = None,
     advantage_fn: AdvantageFn | None = None,
+    turn_rewards: Tensor | None = None,
 ) -> Scores:
     """Per-token rewards and advantages of one batch of rollouts (module docstring).
 
@@ -96,12 +103,12 @@ def score_rollouts(
         current value); None takes loss_knobs.kl_coef.
     advantage_fn: the estimator to call; None looks ``adv_knobs.estimator`` up in
         ``ADVANTAGE_ESTIMATORS`` (the data-parallel loop passes one that takes batch statistics
-        over every rank).
+        over every rank). turn_rewards: see ``reward_tokens``.
     """
     if advantage_fn is None:
         advantage_fn = ADVANTAGE_ESTIMATORS[adv_knobs.estimator]
     token_rewards = reward_tokens(rewards, mask, loss_knobs, behaviour_logp=behaviour_logp,
-                                  ref_logp=ref_logp, kl_coef=kl_coef)
+                                  ref_logp=ref_logp, kl_coef=kl_coef, turn_rewards=turn_rewards)
     advantages, returns = advantage_fn(token_rewards, mask, group_ids, values,
                                        gamma=float(adv_knobs.gamma), lam=float(adv_knobs.lam),
                                        eps=float(adv_knobs.eps))

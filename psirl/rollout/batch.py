@@ -81,7 +81,9 @@ class RolloutBatch:
     input_ids: [B, P+T] int64. Prompt LEFT-padded to P, completion RIGHT-padded to T, pad =
         ``pad_token_id``.
     attention_mask: [B, P+T] int64 (0/1). 1 on real prompt tokens and on completion tokens where
-        ``completion_mask`` is 1.
+        ``completion_mask`` is 1, and on the environment's tokens of a multi-turn episode
+        (psirl/rollout/episode.py: attended, completion_mask 0). Attended completion columns are
+        contiguous from column P (right padding only).
     completion_ids: [B, T] int64, ``input_ids[:, P:]``.
     completion_mask: [B, T] float32 (0/1). 1 for every generated token up to and including the
         EOS token or the token that completed a stop string, 0 after.
@@ -99,6 +101,10 @@ class RolloutBatch:
         string.
     pad_token_id: int, the id used for padding (an addition to the shared contract, used by
         ``cat`` when it re-pads).
+    token_rewards: [B, T] float32 or None. Rewards an environment gave during the episode, each
+        on the last model token of its turn (psirl/rollout/episode.py); None for single-turn
+        batches, whose reward comes from the reward function. Kept by ``select``, ``to`` and
+        ``cat`` (zeros for a batch without them).
     """
 
     input_ids: torch.Tensor
@@ -113,6 +119,7 @@ class RolloutBatch:
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     pad_token_id: int = 0
+    token_rewards: torch.Tensor | None = None
 
     def __post_init__(self):
         batch, width = self.input_ids.shape
@@ -134,6 +141,14 @@ class RolloutBatch:
                     f"RolloutBatch.{name}: expected shape {shape} dtype {dtype}, "
                     f"got {tuple(value.shape)} {value.dtype}"
                 )
+        if self.token_rewards is not None and (
+            tuple(self.token_rewards.shape) != (batch, steps)
+            or self.token_rewards.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"RolloutBatch.token_rewards: expected shape {(batch, steps)} dtype "
+                f"torch.float32, got {tuple(self.token_rewards.shape)} {self.token_rewards.dtype}"
+            )
         for name in ("prompts", "completions"):
             if len(getattr(self, name)) != batch:
                 raise ValueError(
@@ -170,6 +185,7 @@ class RolloutBatch:
             prompts=[self.prompts[i] for i in rows],
             completions=[self.completions[i] for i in rows],
             pad_token_id=self.pad_token_id,
+            token_rewards=None if self.token_rewards is None else self.token_rewards[index],
         )
 
     def to(self, device: str | torch.device) -> RolloutBatch:
@@ -177,6 +193,8 @@ class RolloutBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in _TENSOR_FIELDS:
             values[name] = values[name].to(device)
+        if self.token_rewards is not None:
+            values["token_rewards"] = self.token_rewards.to(device)
         return RolloutBatch(**values)
 
     @staticmethod
@@ -225,6 +243,12 @@ class RolloutBatch:
                 offset += int(b.group_ids.max()) + 1
         tensors = {name: torch.cat(ts) for name, ts in parts.items()}
         tensors["group_ids"] = torch.unique(tensors["group_ids"], return_inverse=True)[1]
+        if any(b.token_rewards is not None for b in batches):
+            tensors["token_rewards"] = torch.cat([
+                _pad_cols(b.token_rewards if b.token_rewards is not None
+                          else torch.zeros_like(b.completion_mask), steps - b.completion_len, 0)
+                for b in batches
+            ])
         return RolloutBatch(
             **tensors,
             prompt_len=prompt_len,

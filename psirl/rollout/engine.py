@@ -17,6 +17,12 @@ class Engine(Protocol):
         prompt consecutive, with behaviour log-probs of the sampled tokens under the
         temperature-scaled softmax (top-p / top-k not applied to the log-probs).
     sync(model) -> None: make the next ``generate`` sample from ``model``'s current weights.
+
+    Optional (not part of the runtime check, so an engine without it still is an Engine):
+    generate_ids(prompt_ids: list[list[int]], params) -> RolloutBatch: ``generate`` from exact
+        token ids (no tokenisation, no BOS added). Multi-turn episodes need it
+        (psirl/rollout/episode.py): each turn continues from the ids sampled so far, never from
+        re-tokenised text. ``HFEngine`` has it.
     """
 
     def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch: ...

@@ -145,6 +145,30 @@ class HFEngine:
         # Built outside inference mode: the batch's tensors feed autograd in the trainer.
         return self._assemble(list(prompts), *decoded, params)
 
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        """``generate`` from token ids instead of text: each prompt is taken as the exact ids
+        given (nothing added, nothing re-tokenised), so a multi-turn episode continues from the
+        very tokens it sampled (psirl/rollout/episode.py). ``RolloutBatch.prompts`` holds the
+        decoded ids (special tokens kept), for display only."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids: empty list")
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt_ids[{i}]: empty; at least one token is needed")
+        texts = self.tokenizer.batch_decode([list(ids) for ids in prompt_ids])
+        model = unwrap_peft(self.model)
+        was_training = model.training
+        switch = any(m.training for m in model.modules())
+        if switch:
+            model.eval()
+        try:
+            with torch.inference_mode():
+                decoded = self._decode(model, texts, params, [list(ids) for ids in prompt_ids])
+        finally:
+            if switch:
+                model.train(was_training)
+        return self._assemble(texts, *decoded, params)
+
     def _decode_mode(self, params: SamplingParams) -> str:
         mode = self.decode
         if mode == "auto":
@@ -153,13 +177,15 @@ class HFEngine:
             mode = "dynamic"  # stop strings are checked on the host every token
         return mode
 
-    def _decode(self, model: nn.Module, prompts: list[str], params: SamplingParams) -> tuple:
-        """The sampling loop. Returns (prompt ids [N, P], prompt mask [N, P], n, completion ids
-        [B, T], behaviour log-probs [B, T], lengths [B], stopped [B]) as inference tensors."""
+    def _decode(self, model: nn.Module, prompts: list[str], params: SamplingParams,
+                prompt_ids: list[list[int]] | None = None) -> tuple:
+        """The sampling loop (from ``prompt_ids`` when given, else the encoded ``prompts``).
+        Returns (prompt ids [N, P], prompt mask [N, P], n, completion ids [B, T], behaviour
+        log-probs [B, T], lengths [B], stopped [B]) as inference tensors."""
         mode = self._decode_mode(params)
         if mode == "compiled":
             try:
-                out = self._decode_prompts(model, prompts, params, mode)
+                out = self._decode_prompts(model, prompts, params, mode, prompt_ids)
                 self.decode_used = mode
                 return out
             except Exception as exc:  # noqa: BLE001 - any compile / CUDA-graph failure
@@ -171,13 +197,14 @@ class HFEngine:
                 self._compiled_step = None
                 mode = "static"
         self.decode_used = mode
-        return self._decode_prompts(model, prompts, params, mode)
+        return self._decode_prompts(model, prompts, params, mode, prompt_ids)
 
     def _decode_prompts(self, model: nn.Module, prompts: list[str], params: SamplingParams,
-                        mode: str) -> tuple:
+                        mode: str, prompt_ids: list[list[int]] | None = None) -> tuple:
         device = self.device
         n = params.n
-        prompt_ids = self.encode_prompts(prompts)
+        if prompt_ids is None:
+            prompt_ids = self.encode_prompts(prompts)
         n_prompts = len(prompt_ids)
         prompt_len = max(len(ids) for ids in prompt_ids)
         extra_cols = 0

@@ -12,7 +12,7 @@ the reward are chosen once, from the config, by the code that builds the Sampler
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,8 @@ from .engine import Engine
 __all__ = ["Sampler", "ScoredRollouts"]
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
+# (engine, records, params) -> psirl.rollout.episode.EpisodeBatch
+EpisodeFn = Callable[[Any, list[dict], SamplingParams], Any]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ScoredRollouts:
     batch: RolloutBatch
     rewards: torch.Tensor
     records: list[dict]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Sampler:
@@ -49,14 +52,19 @@ class Sampler:
     reward_fn: ``fn(prompts, completions, records) -> list[float]`` (None: generate only).
     chat: ``data.chat`` -- True templates plain-string prompts too, False never templates (a
         conversational record is then an error), None templates exactly the conversational ones.
+    episodes: multi-turn rollouts, ``fn(engine, records, params) -> EpisodeBatch``
+        (psirl.rollout.episode): ``sample`` then runs episodes whose environment gives the
+        rewards (and per-turn rewards in ``batch.token_rewards``); single-turn generation is the
+        one-turn case of the same batch layout.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any, reward_fn: RewardFn | None = None, *,
-                 chat: bool | None = None):
+                 chat: bool | None = None, episodes: EpisodeFn | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
         self.chat = chat
+        self.episodes = episodes
 
     def render(self, records: Sequence[dict]) -> list[str]:
         """The text the engine is given for each record's ``prompt`` (str or list of messages)."""
@@ -78,7 +86,13 @@ class Sampler:
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
     def sample(self, records: Sequence[dict], params: SamplingParams) -> ScoredRollouts:
-        """Generate ``params.n`` completions per record and score each against its record."""
+        """Generate ``params.n`` completions per record and score each against its record
+        (with ``episodes``: run multi-turn episodes; the environment's returns are the rewards)."""
+        if self.episodes is not None:
+            episodes = self.episodes(self.engine, list(records), params)
+            per_row = [records[int(g)] for g in episodes.batch.group_ids]
+            return ScoredRollouts(batch=episodes.batch, rewards=episodes.rewards.float().cpu(),
+                                  records=per_row, metrics=dict(episodes.metrics))
         batch, per_row = self.generate(records, params)
         rewards = self.score(batch.prompts, batch.completions, per_row)
         return ScoredRollouts(batch=batch, rewards=rewards, records=per_row)

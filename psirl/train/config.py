@@ -501,6 +501,34 @@ class RolloutConfig(_Section):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
+class EnvConfig(_Section):
+    """Multi-turn episodes (psirl/rollout/episode.py): the model and an environment take turns.
+
+    name: a built-in environment (`calculator`, `python_tool`; psirl/envs) or a user class as
+    `module:Class` with `reset(record) -> prompt` and `step(turn) -> EnvStep`; kwargs: passed
+    to the class. max_turns: model turns per episode at most; max_episode_tokens: model +
+    environment tokens after the prompt at most (None: no cap beyond the turns').
+    observation_role: the chat role of the environment's turns; chat: wrap them in the chat
+    template's turn markers (set it with chat-templated prompts, data.chat: true; None = when
+    the tokenizer has a template); false (default): the observation text as it is.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_turns: int = Field(4, ge=1)
+    max_episode_tokens: int | None = Field(None, ge=1)
+    observation_role: str = "user"
+    chat: bool | None = False
+
+    @model_validator(mode="after")
+    def _buildable(self) -> EnvConfig:
+        """Build the environment once so a bad name or keyword fails at load time."""
+        envs = _optional_module("psirl.envs")
+        if envs is not None:
+            envs.build_env_factory(self.name, self.kwargs)
+        return self
+
+
 # --------------------------------------------------------------------------- other loops
 
 
@@ -625,6 +653,7 @@ class TrainConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     reward: RewardConfig = Field(default_factory=TaskRewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    env: EnvConfig | None = None
     sft: SFTConfig = Field(default_factory=SFTConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     self_training: SelfTrainingConfig = Field(default_factory=SelfTrainingConfig)

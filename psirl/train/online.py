@@ -171,6 +171,8 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
                     params=params, value_params=value_params, optimizers=optimizers,
                     schedulers=schedulers, kl_ctl=kl_ctl)
     evaluate = task_evaluator(config, model, tokenizer, task, max_new_tokens=sampling.max_new_tokens)
+    if config.env is not None and config.eval.every > 0:
+        evaluate = _episode_evaluator(config, sampler, task, sampling.max_new_tokens)
     return LoopSpec(
         models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
         step=lambda step_index, generator: online_step(run, step_index, generator),
@@ -221,6 +223,7 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
 
     got = sample(order[shard.start:shard.stop], seed)
     drawn = [got.rewards]
+    rounds_metrics = [got.metrics]
     metrics = {"sampling/zero_signal_frac":
                float(zero_signal_groups(got.rewards, got.batch.group_ids).float().mean()),
                "sampling/resample_rounds": 0.0}
@@ -237,7 +240,7 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
             rows = [i for i, g in enumerate(got.batch.group_ids.tolist()) if g in keep_groups]
             if rows:
                 kept.append(ScoredRollouts(got.batch.select(rows), got.rewards[rows],
-                                           [got.records[i] for i in rows]))
+                                           [got.records[i] for i in rows], got.metrics))
                 have += len(keep_groups)
             if have >= n_prompts or rounds >= sampling.max_resample_rounds:
                 break
@@ -247,11 +250,16 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
             cursor += need
             got = sample(refill, seed + rounds)
             drawn.append(got.rewards)
+            rounds_metrics.append(got.metrics)
         metrics["sampling/resample_rounds"] = float(rounds)
         metrics["sampling/kept_groups"] = float(have)
         result = (ScoredRollouts(RolloutBatch.cat([k.batch for k in kept]),
                                  torch.cat([k.rewards for k in kept]),
                                  [r for k in kept for r in k.records]) if kept else None)
+    # Episode metrics (turns, tool calls, environment time), averaged over the step's rounds.
+    for key in {k for m in rounds_metrics for k in m}:
+        values = [m[key] for m in rounds_metrics if key in m]
+        metrics[key] = sum(values) / len(values)
     every = torch.cat(drawn)
     metrics["reward/mean"] = float(every.mean())
     metrics["reward/std"] = float(every.std()) if every.numel() > 1 else 0.0
@@ -282,7 +290,8 @@ def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, f
         scores = score_rollouts(
             rollouts.rewards.to(mask.device), mask, batch.group_ids, knobs.advantage, knobs.loss,
             behaviour_logp=old_logp, ref_logp=ref_logp, values=old_values, kl_coef=beta,
-            advantage_fn=functools.partial(global_advantages, knobs.advantage.estimator))
+            advantage_fn=functools.partial(global_advantages, knobs.advantage.estimator),
+            turn_rewards=batch.token_rewards)
     return Scored(old_logp, ref_logp, old_values, scores, beta), metrics
 
 
@@ -360,7 +369,7 @@ def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> 
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": float(batch.truncated.float().mean()),
     })
-    if run.task is not None:
+    if run.task is not None and run.config.env is None:  # episode text is not an answer
         # The task's verifier is the gold reward: next to a proxy reward (a reward model, a
         # judge, a format bonus) it shows over-optimisation (reference 003).
         metrics["task/accuracy"] = sum(run.task.reward(c, r) for c, r in
@@ -390,6 +399,18 @@ def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> 
         metrics["kl/ref_reset"] = 1.0
     run.sampler.sync(run.model)
     return metrics
+
+
+def _episode_evaluator(config, sampler: Sampler, task, max_new_tokens: int):
+    """Held-out success of multi-turn episodes (psirl.envs.evaluate_env), greedy."""
+    from psirl.envs import evaluate_env
+    from psirl.train.setup import eval_records
+
+    records = eval_records(config, task)
+    if not records:
+        return None
+    return lambda step_index: evaluate_env(config.env, sampler.engine, records, max_new_tokens,
+                                           seed=config.seed)
 
 
 def _check_data_parallel(config, sampling) -> None:

@@ -133,7 +133,8 @@ def load_prompt_records(config, task) -> list[dict]:
 
 def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score: bool = True):
     """The run's rollout layer: the configured engine (`rollout.engine`) over `model`, prompts
-    rendered by the `data.chat` rule, and the configured reward (or the Python `reward_fn`).
+    rendered by the `data.chat` rule, and the configured reward (or the Python `reward_fn`);
+    with an `env:` section, samples are multi-turn episodes whose environment gives the rewards.
     score=False builds no reward (a loop that only generates)."""
     from psirl.rollout.build import build_engine
     from psirl.rollout.sampler import Sampler
@@ -143,4 +144,12 @@ def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score:
         from psirl.train.rewards import build_reward
 
         fn = build_reward(config, task, tokenizer, reward_fn=reward_fn)
-    return Sampler(build_engine(config, model, tokenizer), tokenizer, fn, chat=config.data.chat)
+    episodes = None
+    if getattr(config, "env", None) is not None:
+        import functools
+
+        from psirl.envs import run_env_episodes
+
+        episodes = functools.partial(run_env_episodes, config.env)
+    return Sampler(build_engine(config, model, tokenizer), tokenizer, fn, chat=config.data.chat,
+                   episodes=episodes)

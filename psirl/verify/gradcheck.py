@@ -551,6 +551,11 @@ def main(json_path: str | None = None, seed: int = 0) -> int:
     ]
     if not result["variance_order"]["ok"]:
         failed.append("variance ordering")
+    from psirl.verify.multiturn import format_multiturn_table, multiturn_check
+
+    multiturn = multiturn_check(seed=seed, n_batches=DEFAULT_N_BATCHES)  # episodes with env turns
+    console.print(format_multiturn_table(multiturn))
+    failed += [] if multiturn["ok"] else ["multi-turn episodes"]
     status = "all expectations hold" if not failed else "FAILED: " + "; ".join(failed)
     console.print(f"{status} ({result['seconds']:.1f} s)")
     if json_path is not None:

@@ -1,0 +1,87 @@
+"""Tool-calling environment: ``<tool>python: CODE</tool>`` runs in psirl's code sandbox.
+
+    prompt        What is the sum of the squares of 1..20? Answer with the number.
+    model turn 1  <tool>python: print(sum(i*i for i in range(1, 21)))</tool>
+    env turn 1    <output>2870</output>
+    model turn 2  2870</s>
+
+Tools: ``python`` (the code runs through ``psirl.rewards.sandbox.run_in_sandbox`` with its
+resource limits, no network, file writes only in a scratch folder; the observation is what the
+program printed, standard output and standard error, last ``max_output_chars`` characters) and
+``calc`` (``psirl.envs.calculator.safe_eval``, in-process). A turn without a tool call is the
+final answer: reward 1 when its first line equals ``record["answer"]`` (done).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from psirl.envs.calculator import final_answer_reward, format_number, safe_eval
+from psirl.rollout.episode import EnvStep
+
+# The program's prints go to stderr, whose tail is what run_in_sandbox returns.
+_PRINT_TO_STDERR = "import sys as _psirl_sys\n_psirl_sys.stdout = _psirl_sys.stderr\n"
+
+
+def run_python(code: str, wall_time_s: float = 5.0, max_output_chars: int = 500) -> tuple[str, bool]:
+    """(output, ok) of ``code`` run in the sandbox: ok is False on an exception or a timeout."""
+    from psirl.rewards.sandbox import SandboxLimits, run_in_sandbox
+
+    result = run_in_sandbox(_PRINT_TO_STDERR + code, ["pass"],
+                            SandboxLimits(wall_time_s=wall_time_s))
+    ok = bool(result.passed and result.passed[0]) and not result.timed_out
+    output = result.stderr_tail
+    if result.timed_out:
+        output += "\n[timed out]"
+    return output.strip()[-max_output_chars:], ok
+
+
+class PythonToolEnv:
+    """Tool calls in the form ``<tool>NAME: ARGUMENT</tool>``, NAME in ``tools``.
+
+    tools: which tools are offered ("python", "calc"); wall_time_s / max_output_chars: the
+    python tool's limits; output_template: the observation (``{output}`` is replaced).
+    """
+
+    def __init__(
+        self,
+        tools: tuple[str, ...] | list[str] = ("python", "calc"),
+        wall_time_s: float = 5.0,
+        max_output_chars: int = 500,
+        output_template: str = "<output>{output}</output>",
+    ):
+        unknown = set(tools) - {"python", "calc"}
+        if unknown:
+            raise ValueError(f"env.kwargs.tools: unknown tools {sorted(unknown)}; "
+                             f"known: python, calc")
+        self.tools = tuple(tools)
+        self.wall_time_s = float(wall_time_s)
+        self.max_output_chars = int(max_output_chars)
+        self.output_template = output_template
+        self.stop = ("</tool>",)
+        self._call = re.compile(r"<tool>\s*(\w+)\s*:(.*?)(?:</tool>|$)", re.DOTALL)
+        self.record: dict[str, Any] = {}
+
+    def reset(self, record: dict[str, Any]) -> str:
+        self.record = record
+        return record["prompt"]
+
+    def step(self, turn: str) -> EnvStep:
+        match = self._call.search(turn)
+        if match is None:
+            correct = final_answer_reward(turn, self.record)
+            return EnvStep(reward=correct, done=True,
+                           metrics={"tool_call": 0.0, "correct": correct})
+        name, argument = match.group(1), match.group(2).strip()
+        if name not in self.tools:
+            output, ok = f"unknown tool {name!r}; tools: {', '.join(self.tools)}", False
+        elif name == "calc":
+            try:
+                output, ok = format_number(safe_eval(argument)), True
+            except ValueError as exc:
+                output, ok = f"error: {exc}", False
+        else:
+            output, ok = run_python(argument, self.wall_time_s, self.max_output_chars)
+        return EnvStep(observation=self.output_template.format(output=output),
+                       metrics={"tool_call": 1.0, "tool_ok": float(ok)})
