@@ -138,13 +138,13 @@ def clip_and_step(
     if not grads:
         grad_norm = 0.0
     elif fused:
-        total = get_total_norm(grads, foreach=True)
+        total = _full(get_total_norm(grads, foreach=True))
         grad_norm = float(total)
         if grad_norm > max_norm:  # c < 1; grad_scale is 1 / c
             optimizer.grad_scale = (total + 1e-6) / max_norm
     else:
         # One pass: clip_grad_norm_ returns the pre-clip total norm (max_norm=inf: measure only).
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True))
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)))
     try:
         optimizer.step()
     finally:
@@ -154,6 +154,11 @@ def clip_and_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP-sharded gradients is a DTensor (a partial sum over ranks): its value."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def split_microbatches(n: int, n_micro: int) -> list[slice]:
@@ -363,29 +368,44 @@ def run_loop(
     main = is_main()
     # Rank 0 first: it creates the run folder and whatever `build` writes there (the tiny
     # initial model); the other ranks then build from the same files.
-    if not main:
+    # FSDP: `build` shards the models, a collective, so every rank builds at once after rank 0
+    # has written the run folder and the initial model (train/fsdp.py).
+    from psirl.train.fsdp import prepare_shared_files
+
+    together = prepare_shared_files(config, resume)
+    if not main and not together:
         barrier()
-    run_dir = prepare_run_dir(config, resume) if main else Path(config.output_dir)
+    run_dir = prepare_run_dir(config, resume) if main and not together else Path(config.output_dir)
+    if together:
+        barrier()
     seed_everything(config.seed)
     spec = build(config, run_dir)
-    if main:
+    if main and not together:
         barrier()
     if world()[1] > 1 and not spec.data_parallel:
         raise ValueError(f"loop: {config.loop!r} does not support data-parallel training yet; "
                          "run it as one process")
     broadcast_parameters(spec.models.values())
 
+    from psirl.train import dcp  # sharded checkpoints (distributed.strategy: fsdp)
+    from psirl.train.fsdp import check_equal_passes, uses_fsdp
+
+    sharded = uses_fsdp(config)
+    check_equal_passes(config, spec)
     start = 0
     if resume:
         ckpts = list_checkpoints(run_dir)
         if ckpts:
-            start = load_checkpoint(ckpts[-1], spec)
+            load = dcp.load_sharded_checkpoint if dcp.is_sharded_checkpoint(ckpts[-1]) else load_checkpoint
+            start = load(ckpts[-1], spec)
     # Drop metrics logged after the checkpoint we start from (-1: no checkpoint, drop them all).
     # A fresh start drops them all too: they belong to a run killed before its first checkpoint.
     resume_from = start if start > 0 else -1
     logger = (MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
               if main else _NoLogger())
-    eval_every = config.eval.every if main else 0
+    # FSDP: every rank runs the (deterministic) evaluation, since generating gathers the sharded
+    # weights, a collective; rank 0 alone logs it.
+    eval_every = config.eval.every if main or (sharded and world()[1] > 1) else 0
 
     # SIGTERM -> checkpoint at the next step boundary, so a polite kill loses nothing.
     stop_requested = {"flag": False}
@@ -423,7 +443,10 @@ def run_loop(
                 if (every > 0 and done % every == 0) or done == config.max_steps or stopping:
                     # Data-parallel: every rank's RNG state goes into rank 0's checkpoint.
                     per_rank = {"rank_rng": gather_objects(_rng_state())} if world()[1] > 1 else {}
-                    if main:
+                    if sharded:  # every rank writes its shards
+                        dcp.save_sharded_checkpoint(run_dir, done, spec,
+                                                    keep_last=config.checkpoint.keep_last, **per_rank)
+                    elif main:
                         save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last,
                                         **per_rank)
                     barrier()
@@ -436,9 +459,11 @@ def run_loop(
             signal.signal(signal.SIGTERM, previous)
 
     # Finished = every step done, even if a SIGTERM arrived during the last one.
+    # FSDP: the policy's full weights, gathered onto rank 0 (a collective); None otherwise.
+    final_state = dcp.full_policy_state(spec) if last_done == config.max_steps else None
     if last_done == config.max_steps and main:
         final = run_dir / FINAL_DIR
-        spec.models["policy"].save_pretrained(final, safe_serialization=True)
+        dcp.save_final_policy(spec.models["policy"], final, final_state)
         if spec.tokenizer is not None:
             spec.tokenizer.save_pretrained(final)
         from psirl.track.report import write_report

@@ -44,6 +44,7 @@ from psirl.train.distributed import (
     world,
 )
 from psirl.train.evaluation import task_evaluator
+from psirl.train.fsdp import shard_models
 from psirl.train.rewards import build_reward
 from psirl.train.setup import build_policy, build_task, load_prompt_records
 
@@ -89,6 +90,14 @@ def build_online(config, run_dir: Path) -> LoopSpec:
     kl_ctl = (AdaptiveKLController(knobs.loss.kl_coef, knobs.kl_control.target, knobs.kl_control.horizon)
               if knobs.kl_control.adaptive else FixedKLController(knobs.loss.kl_coef))
 
+    value_model, value_params = None, []
+    if knobs.advantage.estimator == "gae":
+        from psirl.models.value import ValueModel
+
+        value_model = ValueModel.from_policy(model).to(device)
+    # distributed.strategy fsdp: shard every model (after the copies, before the optimisers).
+    shard_models(config, model, ref_model, value_model)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optim)
     updates_per_step = sampling.epochs * sampling.minibatches
@@ -97,11 +106,7 @@ def build_online(config, run_dir: Path) -> LoopSpec:
     optimizers = {"policy": optimizer}
     schedulers = {"policy": scheduler}
 
-    value_model, value_params = None, []
-    if knobs.advantage.estimator == "gae":
-        from psirl.models.value import ValueModel
-
-        value_model = ValueModel.from_policy(model).to(device)
+    if value_model is not None:
         value_params = [p for p in value_model.parameters() if p.requires_grad]
         models["value"] = value_model
         optimizers["value"] = build_optimizer(value_params, config.optim)
