@@ -86,8 +86,8 @@ def test_unknown_top_level_key_names_it(tmp_path):
     path = _write(tmp_path, BASE + "seeed: 3\n")
     assert _error(path) == (
         f"{path}: seeed: unknown key (did you mean 'seed'?); allowed keys here: algorithm, checkpoint, "
-        "data, device, dtype, eval, loop, max_steps, model, optim, output_dir, preference, reward, seed, "
-        "self_training, sft, track"
+        "data, device, distributed, dtype, eval, loop, max_steps, model, optim, output_dir, preference, "
+        "reward, rollout, seed, self_training, sft, track"
     )
 
 

@@ -217,3 +217,20 @@ def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
     assert metrics_differences(root / "grpo", root / "grpo_uninterrupted") == []
     assert results["digest_resumed"] == results["digest_uninterrupted"]
     assert (root / "grpo" / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp_config_errors_name_the_key(tmp_path, monkeypatch):
+    from psirl.train import fsdp
+    from psirl.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distributed\.strategy"):
+        config_from_dict(_sft_config(tmp_path), ["distributed.strategy=zero3"])
+    with pytest.raises(ConfigError, match=r"distributed\.fsdp\.offload"):
+        config_from_dict(_sft_config(tmp_path), ["distributed.fsdp.offload=true"])
+    # 6 examples over 4 ranks leave a rank 1 row: 2 micro-batches cannot pair up across ranks.
+    monkeypatch.setattr(fsdp, "world", lambda: (0, 4))
+    config = config_from_dict(_sft_config(tmp_path))
+    with pytest.raises(ValueError, match=r"optim\.grad_accum: 2 micro-batches .* only 1 "):
+        fsdp.check_equal_passes(config, None)
+    with pytest.raises(TypeError, match="Linear: no decoder `layers`"):
+        fsdp.decoder_layers(torch.nn.Linear(2, 2))
