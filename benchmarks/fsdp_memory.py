@@ -10,8 +10,9 @@ keeps it whole (ddp), and takes `--steps` SFT-style optimiser steps on its share
 per rank, after the last step:
   state MiB   parameters + gradients + AdamW moments this rank holds (local shards for fsdp),
               counted from the tensors' storage: what falls as 1/N;
-  peak RSS    the process's peak resident memory (includes the ~0.3-0.5 GiB of the Python / torch
-              runtime, and the gathered layer during forward / backward);
+  peak RSS    the process's peak resident memory (includes the ~0.4 GiB of the Python / torch
+              runtime, activations, and the gathered layer during forward / backward; glibc is
+              told to mmap blocks >= 128 KiB so freed tensors leave the RSS);
   step s      median wall time of the steps after the first (2 shared CPU cores: the ranks
               compete for them, so times grow with N for both strategies).
 """
@@ -105,20 +106,33 @@ def worker(args) -> None:
         Path(args.result).write_text(json.dumps(rows_all))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(shape: str, strategy: str, ranks: int, model_dir: Path, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "r.json"
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        # Blocks >= 128 KiB come from mmap and go back to the OS when freed, so the peak RSS
+        # follows the live tensors instead of glibc's retained, fragmented heap.
+        env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MALLOC_MMAP_THRESHOLD_="131072")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_addr", "127.0.0.1", "--master_port", str(29600 + ranks),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                str(Path(__file__).resolve()), "--worker", "--shape", shape, "--strategy", strategy,
                "--model-dir", str(model_dir), "--result", str(result), "--steps", str(args.steps),
                "--batch", str(args.batch), "--tokens", str(args.tokens)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-4000:])
+        for attempt in range(2):  # one retry: a gloo rendezvous on a busy machine can fail
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            if proc.returncode == 0:
+                break
+            if attempt == 1:
+                raise RuntimeError(proc.stderr[-4000:])
         return json.loads(result.read_text())
 
 

@@ -7,7 +7,7 @@ the run configs. Part 1: one AdamW step of policy_loss on this rank's rows, with
 sharded by train/fsdp.py, for every aggregation mode (one with activation checkpointing, one
 with LoRA), a critic gradient, reference log-probs and sampling through the sharded model.
 Part 2: `psirl train` runs with distributed.strategy fsdp: SFT (uninterrupted, and 1 step then
-resumed at 2 ranks), GRPO (2 steps resumed to 3, and 3 uninterrupted). Rank 0 writes
+resumed at 2 ranks), GRPO (2 steps resumed to 3, 3 uninterrupted, and 3 with strategy ddp). Rank 0 writes
 ROOT/fsdp_rank0.pt; the test compares with single-process results computed in its own process.
 """
 
@@ -26,7 +26,7 @@ from psirl.core.aggregate import AGGREGATION_MODES
 from psirl.core.objective import policy_loss
 from psirl.models.loading import load_policy
 from psirl.models.logprobs import token_logprobs
-from psirl.models.sharded import is_sharded
+from psirl.models.sharded import full_tensors, is_sharded
 from psirl.rollout.batch import SamplingParams
 from psirl.rollout.hf_engine import HFEngine
 from psirl.train import distributed as D
@@ -111,6 +111,8 @@ def gradient_part(data: dict, tiny_dir: str, rank: int, world_size: int) -> dict
     shard_model(policy, fsdp_options(), trainable=False)
     with torch.no_grad():
         out["ref_logp"] = token_logprobs(policy, data["ids"], data["attn"], t)[0]
+    # Weight sync for an engine that copies weights (vLLM): one gathered tensor at a time.
+    out["full_tensors"] = {name: tensor.clone() for name, tensor in full_tensors(policy)}
     # Sampling through the sharded model: rank r samples 1 + r prompts, so the ranks decode for
     # different numbers of tokens (the gathered weights make that safe).
     engine = HFEngine(policy, tokenizer)
@@ -158,6 +160,8 @@ def runs_part(root: Path) -> dict:
     train(str(root / "grpo.yaml"), f"output_dir={root / 'grpo_uninterrupted'}", "max_steps=3")
     out["digest_uninterrupted"] = digest()
     out["policy_sharded"] = is_sharded(trained["policy"])
+    train(str(root / "grpo.yaml"), f"output_dir={root / 'grpo_ddp'}", "max_steps=3",
+          "distributed.strategy=ddp")
     return out
 
 

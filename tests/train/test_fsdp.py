@@ -54,7 +54,8 @@ def _grpo_config(output_dir: Path, tiny_dir: Path) -> dict:
             "device": "cpu", "model": {"path": str(tiny_dir)},
             "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 200},
             "algorithm": {"preset": "grpo",
-                          "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3}}},
+                          "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3},
+                                    "kl_control": {"ref_reset_every": 3}}},
             "reward": {"kind": "format", "pattern": "^1"},
             "optim": {"lr": 1e-2, "batch_size": 4},
             "eval": {"every": 2, "n": 4, "max_new_tokens": 3},
@@ -162,6 +163,11 @@ def test_sharded_critic_reference_and_sampling_match_one_process(fsdp_ranks):
     with torch.no_grad():
         ref_logp = token_logprobs(policy, data["ids"], data["attn"], t)[0]
     torch.testing.assert_close(results["ref_logp"] * mask, ref_logp * mask, rtol=0, atol=1e-5)
+    # full_tensors yields every parameter and buffer, gathered, under the plain model's names.
+    plain = dict([*policy.named_parameters(), *policy.named_buffers()])
+    assert results["full_tensors"].keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(results["full_tensors"][name], tensor.detach()), name
     # Sampling through the sharded model = sampling through the plain one (same seed).
     engine = HFEngine(policy, tokenizer)
     for prompts, completions, logp in results["sampled_all"]:
@@ -207,8 +213,11 @@ def test_sharded_sft_run_matches_one_process_and_resumes_at_one_and_two_ranks(fs
 
 
 def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
-    """GRPO with a sharded policy and reference-free loss: 2 steps, resumed to 3, equals 3
-    uninterrupted steps (metrics and weights); the policy really was sharded."""
+    """GRPO with a sharded policy and a sharded reference (k3 KL in the loss; the reference is
+    reset to the policy after step 3, a sharded load_state_dict): 2 steps resumed to 3 equal 3
+    uninterrupted steps (metrics and weights), which equal the same 2 ranks with strategy ddp
+    up to float rounding. (A reset before the checkpoint would not survive a resume, in
+    either strategy: the online loop rebuilds the reference from the initial policy.)"""
     root, _, _, results = fsdp_ranks
     assert results["policy_sharded"]
     records = read_metrics(root / "grpo")
@@ -216,6 +225,8 @@ def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
     assert all(r["loss/total"] == r["loss/total"] for r in records[1:])  # finite, logged
     assert metrics_differences(root / "grpo", root / "grpo_uninterrupted") == []
     assert results["digest_resumed"] == results["digest_uninterrupted"]
+    assert [r.get("kl/ref_reset") for r in records] == [None, None, None, 1.0]
+    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=1e-4) == []
     assert (root / "grpo" / "final" / "model.safetensors").is_file()
 
 
