@@ -109,9 +109,17 @@ def shard_model(model: nn.Module, options, *, trainable: bool = True,
     offload = options.cpu_offload if cpu_offload is None else cpu_offload
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    units = [*decoder_layers(model), model]
-    for unit in units:
+    layers = decoder_layers(model)
+    for unit in layers:
         fully_shard(unit, **kwargs)
+    # A ValueModel's head stays float32 (values regress to returns): under mixed precision it is
+    # a unit of its own without the bf16 policy (it is called once per values() call).
+    head = getattr(model, "head", None) if hasattr(model, "backbone") else None
+    fp32_units = [head] if head is not None and options.mixed_precision else []
+    for unit in fp32_units:
+        fully_shard(unit, **{k: v for k, v in kwargs.items() if k != "mp_policy"})
+    fully_shard(model, **kwargs)
+    units = [*layers, *fp32_units, model]
     for unit in units:
         # Sum, not FSDP's mean: the loss already carries the global normaliser.
         unit.set_gradient_divide_factor(1.0)

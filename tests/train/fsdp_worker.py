@@ -106,6 +106,14 @@ def gradient_part(data: dict, tiny_dir: str, rank: int, world_size: int) -> dict
     values = value.values(data["ids"][rows], data["attn"][rows], t)
     ((values ** 2) * mask[rows]).sum().div(n_tokens).backward()
     out["value_grads"] = {n: p.grad.full_tensor() for n, p in value.named_parameters()}
+    # Under mixed precision the value head stays float32 (its own unit): values of rank 0's rows.
+    value_bf16 = ValueModel.from_policy(policy)
+    torch.nn.init.normal_(value_bf16.head.weight, std=0.1,
+                          generator=torch.Generator().manual_seed(1))
+    shard_model(value_bf16, fsdp_options(mixed_precision=True))
+    first = list(D.shard_indices(data["ids"].shape[0], 0, world_size))
+    with torch.no_grad():
+        out["values_bf16"] = value_bf16.values(data["ids"][first], data["attn"][first], t)
 
     # The reference: sharded, no gradients; log-probs of the whole batch on every rank.
     shard_model(policy, fsdp_options(), trainable=False)

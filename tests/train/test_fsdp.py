@@ -159,6 +159,12 @@ def test_sharded_critic_reference_and_sampling_match_one_process(fsdp_ranks):
     ((values ** 2) * mask).sum().div(mask.sum()).backward()
     want = {n: p.grad for n, p in value.named_parameters()}
     _assert_same_parameters(results["value_grads"], want)
+    # bf16 layers, float32 value head: close to the float32 values, not equal.
+    with torch.no_grad():
+        first = value.values(data["ids"][:2], data["attn"][:2], t)
+    assert results["values_bf16"].dtype == torch.float32
+    torch.testing.assert_close(results["values_bf16"], first, rtol=0.05, atol=0.05)
+    assert not torch.equal(results["values_bf16"], first)
     # The sharded reference's log-probs (no gradients) equal the plain model's.
     with torch.no_grad():
         ref_logp = token_logprobs(policy, data["ids"], data["attn"], t)[0]
