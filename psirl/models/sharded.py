@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,7 +56,11 @@ def through_fsdp_root(fn: Callable[..., Any]) -> Callable[..., Any]:
         run = model.__dict__.get(ROOT_METHOD)
         if run is None or model.__dict__.get("_psirl_in_root", False):
             return fn(model, *args, **kwargs)
-        out = run(fn, model, *args, **kwargs)
+        with warnings.catch_warnings():
+            # FSDP warns when a forward returns a view (an in-place op on it would skip the
+            # gather before backward); token_logprobs returns views that callers only read.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+            out = run(fn, model, *args, **kwargs)
         if not torch.is_grad_enabled() and not model.__dict__.get("_psirl_gathered", False):
             model.reshard()
         return out
