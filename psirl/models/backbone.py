@@ -110,6 +110,7 @@ def completion_hidden_states(
     up to float rounding; a shared layout the batch cannot use falls back to "plain".
     """
     from . import prefix_sharing as sharing
+    from .sharded import is_sharded
 
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -129,6 +130,10 @@ def completion_hidden_states(
         if layout is None:
             layout, plan = sharing.choose_layout(decoder.config, groups, batch, length,
                                                  prompt_len, n_completion)
+            if layout == "kv_cache" and is_sharded(decoder):
+                # FSDP: every rank must run the decoder the same number of times per call (each
+                # layer's gather is a collective); kv_cache runs it twice, the others once.
+                layout, plan = ("packed" if sharing.supports_packing(decoder.config) else "plain"), None
         elif groups is None or (layout == "packed" and not sharing.supports_packing(decoder.config)):
             layout = "plain"
         if layout == "packed":

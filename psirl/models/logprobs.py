@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import apply_logit_transform, completion_hidden_states, split_backbone_and_head
+from .sharded import through_fsdp_root
 
 CHUNK_BYTES = 32 * 2**20  # default size of one chunk's float32 logits
 # ...but never fewer rows than this: at V = 152k, 55-row chunks ran forward+backward 35% slower
@@ -39,6 +40,7 @@ MIN_CHUNK_ROWS = 128
 CHECKPOINT_MIN_BYTES = 16 * 2**20  # float32 log-probs autograd may keep before we checkpoint
 
 
+@through_fsdp_root
 def token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -32,6 +32,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from .backbone import completion_hidden_states, split_backbone_and_head
 from .loading import CheckpointError, check_safetensors_folder, resolve_dtype
+from .sharded import through_fsdp_root
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -92,6 +93,7 @@ class ValueModel(nn.Module):
             backbone = backbone.to(device)
         return cls(backbone)
 
+    @through_fsdp_root
     def values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
     ) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.backbone import prefill_prompts, unwrap_peft
+from ..models.sharded import gathered
 from .batch import RolloutBatch, SamplingParams
 
 
@@ -137,7 +138,9 @@ class HFEngine:
         if switch:
             model.eval()
         try:
-            with torch.inference_mode():
+            # FSDP (models/sharded.py): every unit gathered once for the whole decode (ranks end
+            # at different tokens, so per-layer gathers could not stay in step); a no-op else.
+            with gathered(self.model), torch.inference_mode():
                 decoded = self._decode(model, list(prompts), params)
         finally:
             if switch:

@@ -201,7 +201,10 @@ def _grad_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of `grads`, a float32 scalar on the first gradient's device.
 
     Per (device, dtype) group one ``_foreach_norm`` accumulating in float32; no host sync.
+    FSDP-sharded gradients (DTensors) go through torch's own total norm, then `_full`.
     """
+    if any(hasattr(g, "full_tensor") for g in grads):
+        return _full(torch.nn.utils.get_total_norm(grads, foreach=True)).float()
     device = grads[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
@@ -248,6 +251,11 @@ def take_skipped_updates() -> int:
     """How many updates clip_and_step skipped as non-finite since the last call (and reset)."""
     n, _NONFINITE["skipped"] = _NONFINITE["skipped"], 0
     return n
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP-sharded gradients is a DTensor (a partial sum over ranks): its value."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def split_microbatches(n: int, n_micro: int) -> list[slice]:
@@ -376,6 +384,14 @@ def first_nonfinite_tensor(models: dict[str, torch.nn.Module]) -> tuple[str, str
                     and not bool(torch.isfinite(tensor).all())):
                 return name, key
     return None
+
+
+def check_finite_state(state: dict[str, torch.Tensor], module: str, what: str) -> None:
+    """check_finite_modules for a gathered state dict (a sharded policy's full weights)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"refusing to write {what}: module {module!r} has non-finite "
+                                 f"(NaN/inf) values in {key!r}; the earlier checkpoints are kept")
 
 
 def check_finite_modules(models: dict[str, torch.nn.Module], what: str) -> None:
@@ -729,26 +745,46 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
     main = is_main()
     # Rank 0 first: it creates the run folder and whatever `build` writes there (the tiny
     # initial model); the other ranks then build from the same files.
-    if not main:
+    # FSDP: `build` shards the models, a collective, so every rank builds at once after rank 0
+    # has written the run folder and the initial model (train/fsdp.py).
+    from psirl.train.fsdp import prepare_shared_files
+
+    together = prepare_shared_files(config, resume, overwrite)
+    if not main and not together:
         barrier()
-    run_dir = (prepare_run_dir(config, resume, overwrite) if main
+    run_dir = (prepare_run_dir(config, resume, overwrite) if main and not together
                else Path(config.output_dir))
+    if together:
+        barrier()
     seed_everything(config.seed)
     spec = build(config, run_dir)
-    if main:
+    if main and not together:
         barrier()
     if world()[1] > 1 and not spec.data_parallel:
         raise ValueError(f"loop: {config.loop!r} does not support data-parallel training yet; "
                          "run it as one process")
     broadcast_parameters(spec.models.values())
 
-    start = load_latest_intact_checkpoint(run_dir, spec) if resume else 0
+    from psirl.train import dcp  # sharded checkpoints (distributed.strategy: fsdp)
+    from psirl.train.fsdp import check_equal_passes, uses_fsdp
+
+    sharded = uses_fsdp(config)
+    check_equal_passes(config, spec)
+    start = 0
+    if resume:
+        ckpts = list_checkpoints(run_dir)
+        if ckpts and dcp.is_sharded_checkpoint(ckpts[-1]):
+            start = dcp.load_sharded_checkpoint(ckpts[-1], spec)
+        else:
+            start = load_latest_intact_checkpoint(run_dir, spec)
     # Drop metrics logged after the checkpoint we start from (-1: no checkpoint, drop them all).
     # A fresh start drops them all too: they belong to a run killed before its first checkpoint.
     resume_from = start if start > 0 else -1
     logger = (MetricsLogger(run_dir, sinks=tuple(config.track.sinks), resume_from_step=resume_from)
               if main else _NoLogger())
-    eval_every = config.eval.every if main else 0
+    # FSDP: every rank runs the (deterministic) evaluation, since generating gathers the sharded
+    # weights, a collective; rank 0 alone logs it.
+    eval_every = config.eval.every if main or (sharded and world()[1] > 1) else 0
 
     # SIGTERM -> checkpoint at the next step boundary, so a polite kill loses nothing.
     stop_requested = {"flag": False}
@@ -797,7 +833,10 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
                         _check_finite_on_every_rank(spec, done)
                     # Data-parallel: every rank's RNG state goes into rank 0's checkpoint.
                     per_rank = {"rank_rng": gather_objects(_rng_state())} if world()[1] > 1 else {}
-                    if main:
+                    if sharded:  # every rank writes its shards
+                        dcp.save_sharded_checkpoint(run_dir, done, spec,
+                                                    keep_last=config.checkpoint.keep_last, **per_rank)
+                    elif main:
                         save_checkpoint(run_dir, done, spec, keep_last=config.checkpoint.keep_last,
                                         **per_rank)
                     barrier()
@@ -810,10 +849,15 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
             signal.signal(signal.SIGTERM, previous)
 
     # Finished = every step done, even if a SIGTERM arrived during the last one.
+    # FSDP: the policy's full weights, gathered onto rank 0 (a collective); None otherwise.
+    final_state = dcp.full_policy_state(spec) if last_done == config.max_steps else None
     if last_done == config.max_steps and main:
         final = run_dir / FINAL_DIR
-        check_finite_modules({"policy": spec.models["policy"]}, str(final))
-        spec.models["policy"].save_pretrained(final, safe_serialization=True)
+        if final_state is None:
+            check_finite_modules({"policy": spec.models["policy"]}, str(final))
+        else:
+            check_finite_state(final_state, "policy", str(final))
+        dcp.save_final_policy(spec.models["policy"], final, final_state)
         if spec.tokenizer is not None:
             spec.tokenizer.save_pretrained(final)
         from psirl.track.report import write_report

@@ -529,6 +529,37 @@ class EnvConfig(_Section):
         return self
 
 
+# --------------------------------------------------------------------------- distributed
+
+
+class FSDPConfig(_Section):
+    """Options of `distributed.strategy: fsdp` (train/fsdp.py).
+
+    cpu_offload: parameter, gradient and optimiser shards in host memory (CPUOffloadPolicy);
+    reference_cpu_offload: the reference model's shards only (it has no optimiser).
+    activation_checkpointing: recompute each decoder layer in backward.
+    mixed_precision: layers run in bfloat16 from float32 master shards, gradients reduced in
+    float32 (MixedPrecisionPolicy).
+    reshard_after_forward: free a layer's gathered weights after its forward (gathered again in
+    backward); false keeps them until backward (more memory, one gather fewer).
+    """
+
+    cpu_offload: bool = False
+    reference_cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    mixed_precision: bool = False
+    reshard_after_forward: bool = True
+
+
+class DistributedConfig(_Section):
+    """How several ranks (torchrun) train: `ddp` (each rank holds the whole model, gradients
+    summed over ranks) or `fsdp` (parameters, gradients and optimiser state sharded over ranks,
+    FSDP2; checkpoints with torch.distributed.checkpoint, resumable at any world size)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+
+
 # --------------------------------------------------------------------------- other loops
 
 
@@ -654,6 +685,9 @@ class TrainConfig(_Section):
     reward: RewardConfig = Field(default_factory=TaskRewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     env: EnvConfig | None = None
+
+
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     self_training: SelfTrainingConfig = Field(default_factory=SelfTrainingConfig)

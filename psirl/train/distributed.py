@@ -222,7 +222,9 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], bucket_numel: int
     _, world_size = world()
     if world_size == 1:
         return
-    params = list(params)
+    # FSDP-sharded parameters (DTensors, train/fsdp.py) had their gradients reduce-scattered
+    # (summed) in backward already.
+    params = [p for p in params if not _is_dtensor(p)]
     has_grad = torch.tensor([float(p.grad is not None) for p in params], device=_COMM["device"])
     dist.all_reduce(has_grad, op=dist.ReduceOp.SUM)
     live = []
@@ -242,6 +244,12 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], bucket_numel: int
         size += p.numel()
     if bucket:
         _reduce_bucket(bucket)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
@@ -265,6 +273,8 @@ def broadcast_parameters(modules: Iterable[torch.nn.Module]) -> None:
         return
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
+            if _is_dtensor(tensor):  # an FSDP shard: broadcast before sharding (train/fsdp.py)
+                continue
             buf = tensor.data.to(_COMM["device"])
             dist.broadcast(buf, src=0)
             if buf is not tensor.data:

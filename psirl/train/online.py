@@ -50,6 +50,7 @@ from psirl.train.distributed import (
     world,
 )
 from psirl.train.evaluation import task_evaluator
+from psirl.train.fsdp import shard_models
 from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
 
 SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s",
@@ -145,6 +146,14 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     kl_ctl = (AdaptiveKLController(knobs.loss.kl_coef, knobs.kl_control.target, knobs.kl_control.horizon)
               if knobs.kl_control.adaptive else FixedKLController(knobs.loss.kl_coef))
 
+    value_model, value_params = None, []
+    if knobs.advantage.estimator == "gae":
+        from psirl.models.value import ValueModel
+
+        value_model = ValueModel.from_policy(model).to(device)
+    # distributed.strategy fsdp: shard every model (after the copies, before the optimisers).
+    shard_models(config, model, ref_model, value_model)
+
     params = [p for p in model.parameters() if p.requires_grad]
     updates_per_step = sampling.epochs * sampling.minibatches
     optimizers = {"policy": build_optimizer(params, config.optim)}
@@ -155,11 +164,7 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         # A reset reference is no longer the initial policy: checkpoint it for an exact resume.
         models["reference"] = ref_model
 
-    value_model, value_params = None, []
-    if knobs.advantage.estimator == "gae":
-        from psirl.models.value import ValueModel
-
-        value_model = ValueModel.from_policy(model).to(device)
+    if value_model is not None:
         value_params = [p for p in value_model.parameters() if p.requires_grad]
         models["value"] = value_model
         optimizers["value"] = build_optimizer(value_params, config.optim)

@@ -49,6 +49,7 @@ from psirl.train.distributed import (
     shard_indices,
     world,
 )
+from psirl.train.fsdp import shard_models
 from psirl.train.setup import build_policy, build_task, pad_prompt_completion
 
 SUMMARY_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "eval/rewards/accuracy",
@@ -278,6 +279,7 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     pad_id = tokenizer.pad_token_id
     task = build_task(config)
     ref_model = None if pcfg.loss in REFERENCE_FREE else frozen_copy(model)
+    shard_models(config, model, ref_model)  # distributed.strategy fsdp: shard before the optimiser
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, config.max_steps)

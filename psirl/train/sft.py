@@ -20,6 +20,7 @@ from psirl.train.base import (
 )
 from psirl.train.distributed import shard_indices, world
 from psirl.train.evaluation import task_evaluator
+from psirl.train.fsdp import shard_models
 from psirl.train.setup import (
     build_policy,
     build_task,
@@ -99,6 +100,7 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
     check_sft_lengths(prompts, completions, locations,
                       max_prompt_tokens=config.data.max_prompt_tokens,
                       max_seq_len=config.sft.max_seq_len)
+    shard_models(config, model)  # distributed.strategy fsdp: shard before the optimiser
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)

@@ -1,0 +1,253 @@
+"""FSDP2 (distributed.strategy: fsdp): 2 gloo ranks with the model sharded per decoder layer take
+exactly the single-process optimiser step, sample with current weights, and write sharded
+checkpoints that resume at another world size.
+
+One torchrun launch (tests/train/fsdp_worker.py) does all the 2-rank work; the references are
+computed here, in one process, from the plain full-batch losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dist_worker import policy_knobs
+from fsdp_worker import GRAD_CLIP, LORA, OPTIM
+from safetensors.torch import load_file
+from test_distributed import ALPHABET, _free_port, _make_data
+
+from psirl.core.aggregate import AGGREGATION_MODES, step_normaliser
+from psirl.core.objective import policy_loss
+from psirl.models.loading import load_policy
+from psirl.models.logprobs import token_logprobs
+from psirl.models.tiny import make_tiny_model
+from psirl.rollout.batch import SamplingParams
+from psirl.rollout.hf_engine import HFEngine
+from psirl.track.metrics import metrics_differences, read_metrics
+from psirl.train import run_config
+from psirl.train.base import build_optimizer, clip_and_step
+from psirl.train.config import config_from_dict, load_run_config
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _sft_config(output_dir: Path) -> dict:
+    return {"loop": "sft", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
+            "device": "cpu",
+            "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                               "intermediate_size": 64}},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 32},
+            "optim": {"lr": 1e-2, "eps": 1e-4, "batch_size": 6, "grad_accum": 2},
+            "eval": {"every": 0},
+            "checkpoint": {"every": 1},
+            "distributed": {"strategy": "fsdp"}}
+
+
+def _grpo_config(output_dir: Path, tiny_dir: Path) -> dict:
+    return {"loop": "online", "output_dir": str(output_dir), "seed": 0, "max_steps": 2,
+            "device": "cpu", "model": {"path": str(tiny_dir)},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 200},
+            "algorithm": {"preset": "grpo",
+                          "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3},
+                                    "kl_control": {"ref_reset_every": 3}}},
+            "reward": {"kind": "format", "pattern": "^1"},
+            "optim": {"lr": 1e-2, "batch_size": 4},
+            "eval": {"every": 2, "n": 4, "max_new_tokens": 3},
+            "checkpoint": {"every": 1},
+            "distributed": {"strategy": "fsdp"}}
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    """Launch the 2-rank worker once; return (root, data, tiny_dir, rank 0's results)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tiny_dir = make_tiny_model(root / "tiny", hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64, alphabet=ALPHABET, seed=0)
+    data = _make_data(tiny_dir)
+    torch.save(data, root / "data.pt")
+    (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft")))
+    (root / "grpo.yaml").write_text(yaml.safe_dump(_grpo_config(root / "grpo", tiny_dir)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(root)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, data, tiny_dir, torch.load(root / "fsdp_rank0.pt", weights_only=False)
+
+
+def _one_process_step(data: dict, tiny_dir: Path, mode: str, *, lora: bool = False):
+    """(initial parameters, gradients, grad norm, parameters after one clipped AdamW step) of
+    the plain full-batch update."""
+    model, _ = load_policy(tiny_dir, device="cpu", dtype="float32")
+    if lora:
+        from psirl.models.lora import apply_lora
+
+        torch.manual_seed(0)
+        model = apply_lora(model, **LORA)
+    model.train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, OPTIM)
+    knobs = policy_knobs(mode)
+    normaliser = step_normaliser(data["mask"], mode, knobs.constant_normaliser)
+    logp, entropy = token_logprobs(model, data["ids"], data["attn"], data["mask"].shape[1],
+                                   with_entropy=True)
+    loss, _ = policy_loss(logp, data["old_logp"], data["adv"], data["mask"], knobs, normaliser,
+                          ref_logp=data["ref_logp"], entropy=entropy)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grad_norm = clip_and_step(params, optimizer, None, GRAD_CLIP)
+    assert grad_norm > GRAD_CLIP  # the clip is active
+    return initial, grads, grad_norm, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_same_parameters(got: dict, want: dict, atol: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("mode", [*AGGREGATION_MODES, "ac", "lora"])
+def test_one_sharded_step_equals_the_single_process_step(fsdp_ranks, mode):
+    """Each rank backpropagates its rows (3 and 9 completion tokens) with the global normaliser;
+    FSDP's reduce-scatter sums the shards' gradients (not its default mean), the clip uses the
+    global norm, and AdamW updates each shard: the full parameters equal one process's step."""
+    _, data, tiny_dir, results = fsdp_ranks
+    loss_mode = {"ac": "token_mean", "lora": "seq_mean_token_mean"}.get(mode, mode)
+    initial, grads, grad_norm, want = _one_process_step(data, tiny_dir, loss_mode,
+                                                        lora=mode == "lora")
+    got = results[f"step/{mode}"]
+    _assert_same_parameters(got["grads"], grads)  # summed, not FSDP's default mean
+    assert got["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+    _assert_same_parameters(got["params"], want)
+    changed = [n for n in want if not torch.equal(want[n], initial[n])]
+    assert changed  # the step moved the weights (LoRA: only the adapters)
+    if mode == "lora":
+        assert all("lora_" in n for n in changed)
+
+
+def test_bf16_mixed_precision_step_follows_the_float32_step(fsdp_ranks):
+    """bf16 layers with float32 reduction approximate the float32 step: the update directions
+    agree (cosine > 0.95) without being identical."""
+    _, data, tiny_dir, results = fsdp_ranks
+    initial, _, _, want = _one_process_step(data, tiny_dir, "token_mean")
+    got = results["step/bf16"]["params"]
+    d_want = torch.cat([(want[n] - initial[n]).flatten() for n in want])
+    d_got = torch.cat([(got[n] - initial[n]).flatten() for n in want])
+    cosine = float(torch.nn.functional.cosine_similarity(d_want, d_got, dim=0))
+    assert 0.95 < cosine and not torch.equal(d_want, d_got), cosine
+
+
+def test_sharded_critic_reference_and_sampling_match_one_process(fsdp_ranks):
+    _, data, tiny_dir, results = fsdp_ranks
+    from psirl.models.value import ValueModel
+
+    policy, tokenizer = load_policy(tiny_dir, device="cpu", dtype="float32")
+    mask, t = data["mask"], data["mask"].shape[1]
+    # The critic's gradient: summed over ranks, each divided by the global token count.
+    value = ValueModel.from_policy(policy)
+    torch.nn.init.normal_(value.head.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+    values = value.values(data["ids"], data["attn"], t)
+    ((values ** 2) * mask).sum().div(mask.sum()).backward()
+    want = {n: p.grad for n, p in value.named_parameters()}
+    _assert_same_parameters(results["value_grads"], want)
+    # bf16 layers, float32 value head: close to the float32 values, not equal.
+    with torch.no_grad():
+        first = value.values(data["ids"][:2], data["attn"][:2], t)
+    assert results["values_bf16"].dtype == torch.float32
+    torch.testing.assert_close(results["values_bf16"], first, rtol=0.05, atol=0.05)
+    assert not torch.equal(results["values_bf16"], first)
+    # The sharded reference's log-probs (no gradients) equal the plain model's.
+    with torch.no_grad():
+        ref_logp = token_logprobs(policy, data["ids"], data["attn"], t)[0]
+    torch.testing.assert_close(results["ref_logp"] * mask, ref_logp * mask, rtol=0, atol=1e-5)
+    # full_tensors yields every parameter and buffer, gathered, under the plain model's names.
+    plain = dict([*policy.named_parameters(), *policy.named_buffers()])
+    assert results["full_tensors"].keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(results["full_tensors"][name], tensor.detach()), name
+    # Sampling through the sharded model = sampling through the plain one (same seed).
+    engine = HFEngine(policy, tokenizer)
+    for prompts, completions, logp in results["sampled_all"]:
+        batch = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4, n=2,
+                                                        seed=7))
+        assert batch.completions == completions
+        torch.testing.assert_close(logp, batch.behaviour_logprobs, rtol=0, atol=1e-5)
+    assert len(results["sampled_all"][1][1]) == 4  # rank 1 sampled 2 prompts x 2, rank 0 1 x 2
+
+
+def test_sharded_sft_run_matches_one_process_and_resumes_at_one_and_two_ranks(fsdp_ranks):
+    """SFT with 2 sharded ranks = one process; a 1-step checkpoint written by the 2 ranks
+    (DCP shards, no rank holding the model) resumes with 2 ranks and with 1 process to the same
+    metrics and weights as the uninterrupted run; final/ is a plain save_pretrained folder."""
+    root, *_ = fsdp_ranks
+    sharded = root / "sft"
+    step1 = sharded / "checkpoints" / "step-00000001"
+    assert (step1 / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in (step1 / "dcp").glob("*.distcp")) == ["__0_0.distcp",
+                                                                      "__1_0.distcp"]
+    assert json.loads((step1 / "state.json").read_text())["format"] == "dcp"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = _sft_config(root / "sft_1process")
+        cfg["distributed"] = {"strategy": "ddp"}
+        one = run_config(config_from_dict(cfg), quiet=True)
+        resumed_1 = root / "sft_resumed_1rank"
+        run_config(load_run_config(resumed_1, ["max_steps=2"]), resume=True, quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    want = load_file(str(one / "final" / "model.safetensors"))
+    for run in (sharded, root / "sft_resumed", resumed_1):
+        got = load_file(str(run / "final" / "model.safetensors"))
+        _assert_same_parameters(got, want)
+        for a, b in zip(read_metrics(run), read_metrics(one), strict=True):
+            assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    config = json.loads((sharded / "final" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]  # not FSDP's generated subclass
+    model, _ = load_policy(sharded / "final", device="cpu", dtype="float32")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+
+
+def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
+    """GRPO with a sharded policy and a sharded reference (k3 KL in the loss; the reference is
+    reset to the policy after step 3, a sharded load_state_dict): 2 steps resumed to 3 equal 3
+    uninterrupted steps (metrics and weights), which equal the same 2 ranks with strategy ddp
+    up to float rounding. (A reset before the checkpoint would not survive a resume, in
+    either strategy: the online loop rebuilds the reference from the initial policy.)"""
+    root, _, _, results = fsdp_ranks
+    assert results["policy_sharded"]
+    records = read_metrics(root / "grpo")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(r["loss/total"] == r["loss/total"] for r in records[1:])  # finite, logged
+    assert metrics_differences(root / "grpo", root / "grpo_uninterrupted") == []
+    assert results["digest_resumed"] == results["digest_uninterrupted"]
+    assert [r.get("kl/ref_reset") for r in records] == [None, None, None, 1.0]
+    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=1e-4) == []
+    assert (root / "grpo" / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp_config_errors_name_the_key(tmp_path, monkeypatch):
+    from psirl.train import fsdp
+    from psirl.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distributed\.strategy"):
+        config_from_dict(_sft_config(tmp_path), ["distributed.strategy=zero3"])
+    with pytest.raises(ConfigError, match=r"distributed\.fsdp\.offload"):
+        config_from_dict(_sft_config(tmp_path), ["distributed.fsdp.offload=true"])
+    # 6 examples over 4 ranks leave a rank 1 row: 2 micro-batches cannot pair up across ranks.
+    monkeypatch.setattr(fsdp, "world", lambda: (0, 4))
+    config = config_from_dict(_sft_config(tmp_path))
+    with pytest.raises(ValueError, match=r"optim\.grad_accum: 2 micro-batches .* only 1 "):
+        fsdp.check_equal_passes(config, None)
+    with pytest.raises(TypeError, match="Linear: no decoder `layers`"):
+        fsdp.decoder_layers(torch.nn.Linear(2, 2))
