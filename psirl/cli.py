@@ -180,16 +180,26 @@ def report(run_dir: Path) -> None:
 
 @app.command()
 def compare(
-    configs: list[Path] = typer.Argument(..., help="Config files (or one config with --presets)."),
+    configs: list[Path] = typer.Argument(
+        ..., help="Config files (or one config with --presets), then key=value overrides."),
     presets: str | None = typer.Option(None, help="Comma-separated presets to run over one config."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Folder for the runs and the report."),
     overrides: list[str] | None = typer.Option(None, "--set", help="key=value applied to every run."),
 ) -> None:
-    """Run several configs (or presets) with the same seed and overlay their curves in one report."""
+    """Run several configs (or presets) with the same seed and overlay their curves in one report.
+
+    `key=value` arguments after the configs are overrides for every run, as in `psirl train`
+    (`psirl compare examples/grpo.yaml max_steps=5 --presets grpo,rloo`).
+    """
     from psirl.train.compare import compare_runs
 
-    out = compare_runs(configs, presets=presets.split(",") if presets else None,
-                       output_dir=output_dir, overrides=list(overrides or []))
+    paths = [c for c in configs if "=" not in str(c)]
+    inline = [str(c) for c in configs if "=" in str(c)]
+    if not paths:
+        _fail("compare: give at least one CONFIG.yaml")
+        return
+    out = compare_runs(paths, presets=presets.split(",") if presets else None,
+                       output_dir=output_dir, overrides=inline + list(overrides or []))
     typer.echo(f"report: {out}")
 
 

@@ -28,9 +28,11 @@ def run_python(code: str, wall_time_s: float = 5.0, max_output_chars: int = 500)
     """(output, ok) of ``code`` run in the sandbox: ok is False on an exception or a timeout."""
     from psirl.rewards.sandbox import SandboxLimits, run_in_sandbox
 
-    result = run_in_sandbox(_PRINT_TO_STDERR + code, ["pass"],
+    # One probe ("None") that is evaluated only if the whole program ran without an exception.
+    result = run_in_sandbox(_PRINT_TO_STDERR + code, ["None"],
                             SandboxLimits(wall_time_s=wall_time_s))
-    ok = bool(result.passed and result.passed[0]) and not result.timed_out
+    ok = (result.program_error is None and not result.timed_out
+          and bool(result.values) and result.values[0] is not None)
     output = result.stderr_tail
     if result.timed_out:
         output += "\n[timed out]"

@@ -311,10 +311,31 @@ class AlgorithmConfig(_Section):
     def _known_preset(cls, v: str | None) -> str | None:
         presets = _available_presets()
         if v is not None and presets is not None and v not in presets:
+            if _method_home(v):
+                raise ValueError(_method_home(v))
             close = difflib.get_close_matches(v, presets, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown preset {v!r}{hint}; known presets: {', '.join(presets)}")
         return v
+
+
+# Methods that are not presets of the online loop: where each one lives (a user who writes
+# `algorithm.preset: dpo` or `loop: dpo` is told, instead of "did you mean 'dapo'").
+METHOD_HOMES = {
+    **{m: f"loop: preference with preference.loss: {m}" for m in ("dpo", "ipo", "kto", "simpo", "orpo")},
+    "online_dpo": "loop: preference with preference.online: true",
+    "iterative_dpo": "loop: preference with preference.online: true and preference.ref_refresh_every: N",
+    **{m: f"loop: self_training with self_training.method: {m}" for m in ("star", "rest", "raft")},
+    "reward_model": "loop: reward_model (Bradley-Terry)",
+    "bradley_terry": "loop: reward_model (Bradley-Terry)",
+    "rm": "loop: reward_model (Bradley-Terry)",
+    "sft": "loop: sft",
+}
+
+
+def _method_home(name: str) -> str | None:
+    home = METHOD_HOMES.get(name.lower().replace("-", "_"))
+    return None if home is None else f"{name!r} is not an online preset: use {home}"
 
 
 def _available_presets() -> list[str] | None:
@@ -670,6 +691,13 @@ class TrainConfig(_Section):
     """One run. `psirl train config.yaml key=value ...` builds it; the run folder keeps it."""
 
     loop: LoopName
+
+    @field_validator("loop", mode="before")
+    @classmethod
+    def _loop_or_method(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in typing.get_args(LoopName) and _method_home(v):
+            raise ValueError(f"{_method_home(v)} (loops: {', '.join(typing.get_args(LoopName))})")
+        return v
     output_dir: str
     seed: int = Field(0, ge=0)
     max_steps: int = Field(100, gt=0)

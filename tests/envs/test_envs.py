@@ -49,7 +49,7 @@ def test_python_tool_runs_in_the_sandbox():
     env.reset({"prompt": "sum of squares 1..20?", "answer": "2870"})
     out = env.step("<tool>python: print(sum(i*i for i in range(1, 21)))</tool>")
     assert out.observation == "<output>2870</output>" and out.metrics["tool_ok"] == 1.0
-    crash = env.step("<tool>python: import socket; socket.socket()</tool>")
+    crash = env.step("<tool>python: 1/0</tool>")
     assert crash.metrics["tool_ok"] == 0.0 and not crash.done
     calc = env.step("<tool>calc: 2870 - 70</tool>")
     assert calc.observation == "<output>2800</output>"
