@@ -707,6 +707,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (containers and CI runners often allow fewer CPUs than the machine has)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads to `threads`, or (None) to the CPUs the process may use
+    that are not already busy (minus the 1-minute load average, at least 1): on a shared machine
+    a thread per core spins against the other jobs (benchmarks/threads_under_load.py: 3 GRPO steps
+    took a median 8.4 s with 1 thread and 30.8 s with 2 at load 6-14 on 2 cores). Returns it."""
+    if threads is None:
+        busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        threads = max(1, usable_cpus() - busy)
+    n = threads
+    torch.set_num_threads(n)
+    return n
+
+
 def run_loop(
     config,
     build: Callable[[Any, Path], LoopSpec],
@@ -756,6 +785,7 @@ def _run_locked(config, build, *, resume, summary_keys, quiet, overwrite) -> Pat
                else Path(config.output_dir))
     if together:
         barrier()
+    set_cpu_threads(config.threads)
     seed_everything(config.seed)
     spec = build(config, run_dir)
     if main and not together:

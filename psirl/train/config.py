@@ -703,6 +703,9 @@ class TrainConfig(_Section):
     max_steps: int = Field(100, gt=0)
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch CPU threads; None: the CPUs this process may use (affinity, cgroup quota). On a
+    # shared, busy machine 1 can be much faster than the default (README, "Threads").
+    threads: int | None = Field(None, ge=1)
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
