@@ -140,6 +140,26 @@ def compare(
     typer.echo(f"report: {out}")
 
 
+@app.command("import")
+def import_(
+    src: str = typer.Argument(..., help="A .gguf file, a transformers/adapter folder or a hub id."),
+    out: Path = typer.Argument(..., help="Output folder (safetensors + tokenizer)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    allow_pickle: bool = typer.Option(False, help="Also read pickle weights (trusted source only)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT."),
+) -> None:
+    """Convert a model into a folder psirl loads (GGUF dequantised; LoRA adapters merged)."""
+    from psirl.models.importing import import_model
+    from psirl.models.loading import CheckpointError
+
+    try:
+        folder = import_model(src, out, dtype=dtype, allow_pickle=allow_pickle, overwrite=overwrite)
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"imported: {folder}")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Write benchmark data sets as psirl records.")
 app.add_typer(data_app, name="data")
 
