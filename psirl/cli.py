@@ -203,16 +203,41 @@ def data_math(
 @app.command("eval")
 def evaluate(
     model: Path = typer.Argument(..., help="A model folder (e.g. RUN_DIR/final)."),
-    task: str = typer.Option("addition", help="Built-in task."),
-    n: int = typer.Option(200, help="Number of held-out prompts."),
+    task: str = typer.Option("addition", help="Built-in task (without --data, or --reward task)."),
+    data: Path | None = typer.Option(None, "--data", help="Prompt records (JSONL / Parquet)."),
+    reward: str = typer.Option("verifier", help="With --data: verifier | code | task."),
+    n: int = typer.Option(200, help="Number of held-out prompts (the first N of --data)."),
+    n_samples: int = typer.Option(0, help="Sampled completions per prompt for pass@k (0 = none)."),
     greedy: bool = typer.Option(True, help="Greedy decoding (else sampled at temperature 1)."),
+    chat: bool | None = typer.Option(None, help="Chat template (default: when the tokenizer has one)."),
     max_new_tokens: int = typer.Option(16),
+    temperature: float = typer.Option(1.0, help="Sampling temperature for --n-samples."),
+    out: Path | None = typer.Option(None, help="With --data: write per-prompt results (JSONL)."),
 ) -> None:
-    """Accuracy of a saved model on a built-in task's held-out prompts."""
-    from psirl.train.evaluation import evaluate_task_accuracy
+    """Accuracy of a saved model: a built-in task, or a prompt file with greedy pass@1 / pass@k."""
+    if data is None:
+        from psirl.train.evaluation import evaluate_task_accuracy
 
-    acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy, max_new_tokens=max_new_tokens)
-    typer.echo(json.dumps({"task": task, "n": n, "greedy": greedy, "accuracy": acc}))
+        acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy,
+                                     max_new_tokens=max_new_tokens)
+        typer.echo(json.dumps({"task": task, "n": n, "greedy": greedy, "accuracy": acc}))
+        return
+    from psirl.data.errors import DataError
+    from psirl.models.loading import CheckpointError
+    from psirl.train.evaluation import evaluate_file
+
+    details: list = []
+    try:
+        metrics = evaluate_file(model, data, reward=reward, task=task if reward == "task" else None,
+                                n=n, n_samples=n_samples, greedy=greedy, chat=chat,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                details=details)
+    except (DataError, CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if out is not None:
+        out.write_text("".join(json.dumps(row) + "\n" for row in details), encoding="utf-8")
+    typer.echo(json.dumps({"data": str(data), "reward": reward, **metrics}))
 
 
 def main() -> None:  # pragma: no cover - console entry
