@@ -331,6 +331,12 @@ def check_proxy_vs_gold(
         )
     else:
         corr_text = "undefined" if corr is None else f"{corr:.2f}"
+        if gold_net <= -GOLD_FALL_WATCH:
+            return _finding(
+                "proxy_vs_gold", title, OK, numbers,
+                f"{PROXY_METRIC} and {gold} fell together (correlation {corr_text}): no proxy/"
+                f"gold divergence ({_REF}); the loss itself is judged by Gold metric progress.",
+            )
         text = (
             f"{PROXY_METRIC} and {gold} move together (correlation {corr_text}; gold peak at step "
             f"{g_steps[ig]}, proxy peak at step {p_steps[ip]}): no sign of the proxy/gold "
@@ -563,9 +569,9 @@ def check_gold_progress(
     if change <= -GOLD_FALL_ALARM:
         return _finding(
             "gold_progress", title, ALARM, numbers,
-            f"{moved}: training made the policy worse on held-out prompts. Expected in a "
-            "shuffled-reward control (its reward carries no signal); in a real run the reward "
-            f"does not measure the task ({_REF}).",
+            f"{moved}: training made the policy worse on held-out prompts, so the reward does "
+            "not teach the task (the expected result of a shuffled-reward control, whose reward "
+            f"carries no signal) ({_REF}).",
         )
     if change <= -GOLD_FALL_WATCH:
         return _finding("gold_progress", title, WATCH, numbers,
@@ -630,10 +636,16 @@ CHECKS = (
 )
 
 
+# Which finding the verdict names when several share the worst severity: the most specific
+# diagnosis first (a proxy climbing while gold falls explains a gold loss).
+VERDICT_ORDER = ("proxy_vs_gold", "gold_progress", "zero_signal", "kl_growth",
+                 "entropy_collapse", "length_drift")
+
+
 def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
     """The report's first line: {"severity", "headline", "reason"} from reward_hacking_report.
 
-    The worst finding decides (CHECKS order breaks ties, gold progress first); an ok run's
+    The worst finding decides (VERDICT_ORDER breaks ties); an ok run's
     reason is the gold metric's progress; "skipped" when no check ran.
     """
     findings = report["findings"]
@@ -641,7 +653,9 @@ def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
         return {"severity": SKIPPED, "headline": "No verdict",
                 "reason": "none of the diagnostics had enough steps (no gold metric, reward or KL)."}
     worst = report["overall"]
-    first = next(f for f in findings if f["severity"] == worst)
+    order = {check: i for i, check in enumerate(VERDICT_ORDER)}
+    ranked = sorted(findings, key=lambda f: order.get(f["check"], len(order)))
+    first = next(f for f in ranked if f["severity"] == worst)
     if worst == OK:
         gold = next((f for f in findings if f["check"] == "gold_progress"
                      and f["severity"] == OK), first)

@@ -86,10 +86,12 @@ def test_shuffled_control_alarms_on_gold_and_zero_signal():
     assert checks["gold_progress"]["severity"] == ALARM
     assert checks["gold_progress"]["numbers"]["gold_change"] == pytest.approx(-0.225, abs=0.05)
     assert checks["zero_signal"]["severity"] == ALARM
+    assert checks["proxy_vs_gold"]["severity"] == OK  # reward and gold fell together
+    assert "fell together" in checks["proxy_vs_gold"]["explanation"]
     assert checks["zero_signal"]["numbers"]["zero_signal_end"] == pytest.approx(0.9, abs=0.05)
     found = verdict(report)
     assert found["severity"] == ALARM
-    assert found["headline"].startswith("ALARM: Gold metric progress")
+    assert found["headline"].startswith("ALARM: Gold metric progress")  # proxy_vs_gold is ok
     assert "made the policy worse" in found["reason"]
 
 
@@ -100,7 +102,8 @@ def test_proxy_vs_gold_alarms_when_the_proxy_rose_before_the_gold_peak():
     assert pg["severity"] == ALARM
     assert pg["numbers"]["gold_net_change"] == pytest.approx(0.365 - 0.76)
     assert "fell from 0.76 to 0.365" in pg["explanation"]
-    assert verdict(report)["severity"] == ALARM
+    found = verdict(report)  # both alarm; the verdict names the more specific diagnosis
+    assert found["severity"] == ALARM and found["headline"] == "ALARM: Proxy vs gold (+1 more alarm)"
 
 
 @pytest.mark.parametrize("index", range(13))
