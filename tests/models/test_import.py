@@ -165,3 +165,49 @@ def test_unsupported_architecture_and_bad_sources_are_clear_errors(tmp_path):
         import_model(folder, tmp_path / "out")
     with pytest.raises(ModelImportError, match="no such file or folder"):
         import_model(tmp_path / "missing", tmp_path / "out")
+
+
+def test_online_and_dpo_steps_on_the_imported_model(gguf_source, tmp_path):
+    """One GRPO step and one DPO step on the converted model: BPE tokenizer, chat template."""
+    from safetensors.torch import load_file
+
+    from psirl.data.templates import render_prompt
+    from psirl.track.metrics import read_metrics
+    from psirl.train import run_config
+    from psirl.train.config import config_from_dict
+
+    path, _ = gguf_source
+    model_dir = import_model(path, tmp_path / "model")
+    _, tokenizer = load_policy(model_dir)
+    prompts = [render_prompt(tokenizer, f"hello the {i}", chat=True) for i in range(4)]
+    assert prompts[0] == "<|im_start|>user\nhello the 0<|im_end|>\n<|im_start|>assistant\n"
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(
+        json.dumps({"prompt": f"hello {i}", "chosen": "hell", "rejected": "the"}) + "\n"
+        for i in range(4)))
+    before = load_file(str(model_dir / "model.safetensors"))
+    common = {"seed": 0, "max_steps": 1, "device": "cpu", "model": {"path": str(model_dir)},
+              "optim": {"lr": 1e-2, "batch_size": 2}, "checkpoint": {"every": 0}}
+    online = config_from_dict({
+        **common, "loop": "online", "output_dir": str(tmp_path / "grpo"),
+        "data": {"train_path": str(prompt_file), "chat": False},
+        "reward": {"kind": "format", "pattern": "l"},
+        "algorithm": {"preset": "grpo",
+                      "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3}}},
+    })
+    dpo = config_from_dict({
+        **common, "loop": "preference", "output_dir": str(tmp_path / "dpo"),
+        "data": {"train_path": str(pair_file), "chat": True},
+        "preference": {"loss": "dpo", "beta": 0.5},
+    })
+    for config, name in ((online, "grpo"), (dpo, "dpo")):
+        run_dir = run_config(config, quiet=True)
+        metrics = read_metrics(run_dir)
+        assert [r["step"] for r in metrics if "loss/total" in r or "loss" in r][-1] == 1, name
+        after = load_file(str(next((run_dir / "final").glob("*.safetensors"))))
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed, f"{name}: no weight changed"
+        _, saved_tokenizer = load_policy(run_dir / "final")
+        assert saved_tokenizer.chat_template == tokenizer.chat_template
