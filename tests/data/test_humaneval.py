@@ -158,3 +158,19 @@ def test_write_humaneval_jsonl_loads_as_prompt_records(tmp_path):
         "has_close_elements", "separate_paren_groups", "truncate_number"
     ]
     assert loaded[0]["prompt"].startswith("from typing import List")
+
+
+def test_cli_data_humaneval_and_math(tmp_path):
+    from typer.testing import CliRunner
+
+    from psirl.cli import app
+
+    out = tmp_path / "he.jsonl"
+    result = CliRunner().invoke(app, ["data", "humaneval", str(out), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 HumanEval records" in result.output
+    assert len(out.read_text().splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    result = CliRunner().invoke(app, ["data", "math", str(bad), str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 2 and "bad.jsonl:1: expected GSM8K fields" in result.output

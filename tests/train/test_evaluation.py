@@ -120,3 +120,26 @@ def test_no_gold_metric_for_a_reward_model_on_records_without_answers(tiny_dir, 
     config = config.model_copy(update={"data": config.data.model_copy(
         update={"eval_path": str(no_answers)})})
     assert evaluator_from_config(config, model, tokenizer, None) is None
+
+
+def test_cli_eval_on_a_file_reports_greedy_and_pass_at_k(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from psirl.cli import app
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    details = tmp_path / "details.jsonl"
+    result = CliRunner().invoke(app, [
+        "eval", str(tiny_dir), "--data", str(data), "--reward", "verifier", "--n-samples", "2",
+        "--max-new-tokens", "2", "--out", str(details)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert {"eval/pass@1_greedy", "eval/pass@1", "eval/pass@2", "eval/n"} <= set(metrics)
+    assert metrics["eval/n"] == 3.0
+    rows = [json.loads(line) for line in details.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert all("greedy_completion" in r and "sampled_correct" in r for r in rows)
+    result = CliRunner().invoke(app, ["eval", str(tiny_dir), "--data", str(data), "--reward",
+                                      "judge"])
+    assert result.exit_code == 2 and "reward: expected one of" in result.output
