@@ -180,6 +180,7 @@ td.finding { text-align: left; max-width: 36em; } td.numbers { text-align: left;
 .verdict.sev-ok { border: 2px solid #2e7d32; } .verdict.sev-watch { border: 2px solid #b8860b; }
 .verdict.sev-alarm { border: 2px solid #c62828; font-weight: normal; }
 .verdict.sev-skipped { border: 2px solid #bbb; color: #444; }
+.findings th, .findings td { text-align: left; }
 details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
 """
 
@@ -259,7 +260,8 @@ def _findings_table(findings: Sequence[Mapping[str, Any]]) -> str:
             f'<td class="numbers">{html.escape(_numbers_text(f["numbers"]))}</td>'
             f'<td class="finding">{html.escape(f["explanation"])}</td></tr>'
         )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f'<table class="findings"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
 MAIN_W, MAIN_H, MAIN_DPI = 10.0, 4.6, 100  # the gold-vs-reward chart: 1000 x 460 px
