@@ -456,7 +456,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         title = "eval (held-out)" if group == "eval" else group
         panels = [(n, [(None, *series[n])]) for n in names]
         inner.append(f"<h3>{html.escape(title)}</h3>")
-        inner.append(f'<img src="{_png_data_uri(panels)}" alt="{html.escape(group)} metrics">')
+        alt = f"{group} metrics: {', '.join(names)}"  # the names stay searchable text
+        inner.append(f'<img src="{_png_data_uri(panels)}" alt="{html.escape(alt)}">')
     if flat:
         inner.append(f'<p class="note">constant over the run (not drawn): '
                      f'{html.escape(", ".join(flat))}</p>')
