@@ -45,6 +45,23 @@ def math_record(row: dict[str, Any], where: str, instruction: str = DEFAULT_INST
     )
 
 
+def is_math_format(path: str | Path) -> bool:
+    """True for a JSONL file whose first record has GSM8K or MATH fields and no `prompt`."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".ndjson") or not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # load_records reports it with the line number
+                return isinstance(row, dict) and "prompt" not in row and any(
+                    q in row and a in row for q, a in FORMATS.values())
+    return False
+
+
 def read_math_jsonl(path: str | Path, *, instruction: str = DEFAULT_INSTRUCTION,
                     limit: int | None = None) -> list[dict[str, Any]]:
     """Prompt records of a GSM8K / MATH JSONL file; DataError names the file and line."""

@@ -54,3 +54,19 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "bad2.jsonl", [{"problem": "p", "solution": "no box, 3"}])
     with pytest.raises(DataError, match=r"bad2.jsonl:1: field 'solution': no \\boxed"):
         read_math_jsonl(path)
+
+
+def test_eval_records_read_a_gsm8k_file_directly(tmp_path):
+    from types import SimpleNamespace
+
+    from psirl.data.gsm8k import is_math_format
+    from psirl.train.setup import eval_records
+
+    path = write_jsonl(tmp_path / "gsm8k_test.jsonl", ROWS)
+    assert is_math_format(path)
+    plain = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    assert not is_math_format(plain)
+    config = SimpleNamespace(data=SimpleNamespace(eval_path=str(path)),
+                             eval=SimpleNamespace(n=1))
+    records = eval_records(config, None)
+    assert [r["answer"] for r in records] == ["72"]
