@@ -308,3 +308,26 @@ def evaluate_file(model_dir: str | Path, data_path: str | Path, *, reward: str =
                                max_new_tokens=max_new_tokens, seed=seed, details=details)
     metrics["eval/n"] = float(len(records))
     return metrics
+
+
+def best_checkpoint_step(records: list[dict], saved_steps: list[int],
+                         metric: str | None = None) -> tuple[int, str, float] | None:
+    """(step, metric, value) of the saved checkpoint with the best gold metric, for
+    `checkpoint.select_by` (final/ = that checkpoint rather than the last weights).
+
+    records: metrics.jsonl records; saved_steps: steps that have a checkpoint (plus the final
+    step). metric: the gold metric to maximise; None picks the first of
+    diagnostics.GOLD_METRICS logged at some saved step. Only evaluations at a saved step count
+    (the weights of any other step are gone); ties go to the earliest step. None when no saved
+    step was evaluated.
+    """
+    from psirl.track.diagnostics import GOLD_METRICS, metric_series
+
+    saved = set(saved_steps)
+    for name in [metric] if metric is not None else list(GOLD_METRICS):
+        steps, values = metric_series(records, name)
+        candidates = [(v, -s) for s, v in zip(steps, values, strict=True) if s in saved]
+        if candidates:
+            value, negative_step = max(candidates)
+            return -negative_step, name, value
+    return None

@@ -143,3 +143,16 @@ def test_cli_eval_on_a_file_reports_greedy_and_pass_at_k(tiny_dir, tmp_path):
     result = CliRunner().invoke(app, ["eval", str(tiny_dir), "--data", str(data), "--reward",
                                       "judge"])
     assert result.exit_code == 2 and "reward: expected one of" in result.output
+
+
+def test_best_checkpoint_step_only_counts_saved_steps():
+    from psirl.train.evaluation import best_checkpoint_step
+
+    records = [{"step": 0, "eval/accuracy_greedy": 0.2}, {"step": 10, "eval/accuracy_greedy": 0.9},
+               {"step": 20, "eval/accuracy_greedy": 0.6}, {"step": 30, "eval/accuracy_greedy": 0.6},
+               {"step": 40, "eval/accuracy_greedy": 0.5}]
+    # step 10 was best but its checkpoint was pruned: 20 and 30 tie, the earlier wins
+    assert best_checkpoint_step(records, [20, 30, 40]) == (20, "eval/accuracy_greedy", 0.6)
+    assert best_checkpoint_step(records, [10, 40]) == (10, "eval/accuracy_greedy", 0.9)
+    assert best_checkpoint_step(records, [5]) is None
+    assert best_checkpoint_step(records, [40], metric="eval/pass@1_greedy") is None
