@@ -268,11 +268,17 @@ MAIN_W, MAIN_H, MAIN_DPI = 10.0, 4.6, 100  # the gold-vs-reward chart: 1000 x 46
 
 
 def gold_names(series: Mapping[str, Any]) -> list[str]:
-    """Gold metrics present: every eval/* accuracy or pass@k, else task/accuracy."""
+    """Gold metrics present: every eval/* accuracy or pass@k (a curve identical to an earlier one
+    left out), else task/accuracy."""
     held_out = sorted(n for n in series if group_of(n) == "eval"
                       and ("accuracy" in n or "pass@" in n))
-    if held_out:
-        return held_out
+    # pass@1_greedy repeats accuracy_greedy for a 0/1 reward: one line, not two on top.
+    distinct: list[str] = []
+    for name in held_out:
+        if not any(series[name] == series[kept] for kept in distinct):
+            distinct.append(name)
+    if distinct:
+        return distinct
     return [n for n in ("task/accuracy",) if n in series]
 
 

@@ -155,3 +155,12 @@ def test_main_chart_is_large_and_smoothed(tmp_path):
     image = imread(io.BytesIO(base64.b64decode(uri)), format="png")
     assert image.shape[:2] == (460, 1000)
     assert math.isfinite(float(image.mean()))
+
+
+def test_identical_gold_curves_are_drawn_once():
+    from psirl.track.report import gold_names
+
+    series = {"eval/accuracy_greedy": ([0, 1], [0.1, 0.2]),
+              "eval/pass@1_greedy": ([0, 1], [0.1, 0.2]),
+              "eval/pass@4": ([0, 1], [0.3, 0.4]), "reward/mean": ([1], [0.5])}
+    assert gold_names(series) == ["eval/accuracy_greedy", "eval/pass@4"]
