@@ -113,7 +113,8 @@ def _load_hub(model_id: str, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=True)
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = (" HF_HUB_OFFLINE is set, so nothing is downloaded" if offline
+        hint = (" HF_HUB_OFFLINE is set, so nothing is downloaded (HF_HUB_OFFLINE=0 allows it)"
+                if offline
                 else " the hub could not be reached or has no such model")
         raise CheckpointError(
             f"{model_id}: no such local folder, and as a hub id it could not be loaded:{hint} "

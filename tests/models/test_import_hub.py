@@ -24,7 +24,12 @@ def test_hub_id_detection(tmp_path):
 
 
 def test_offline_hub_id_is_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once at import: set its constant too, so no request
+    # (and no network timeout) is attempted.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
     with pytest.raises(CheckpointError) as err:
         load_policy("psirl-test-org/no-such-model")
