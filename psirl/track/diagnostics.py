@@ -43,7 +43,8 @@ SEVERITY_RANK = {SKIPPED: -1, OK: 0, WATCH: 1, ALARM: 2}
 PROXY_METRIC = "reward/mean"
 # Gold metrics in order of preference: held-out first (003: "gate on a held-out ... eval and
 # early-stop at its peak"), the training-batch verifier last.
-GOLD_METRICS = ("eval/accuracy", "eval/accuracy_greedy", "task/accuracy")
+GOLD_METRICS = ("eval/accuracy", "eval/accuracy_greedy", "eval/pass@1_greedy", "task/accuracy")
+ZERO_SIGNAL_METRIC = "sampling/zero_signal_frac"
 KL_METRIC = "kl/mean"
 KL_RESET_METRIC = "kl/ref_reset"
 ENTROPY_METRIC = "entropy/mean"
@@ -60,6 +61,17 @@ GOLD_GIVEBACK_ALARM = 0.5  # alarm: ... >= 50% (or gold never rose and fell anyw
 PROXY_RISE_AFTER_GOLD_PEAK = 0.1  # ... while the proxy still rose >= 10% of its range after it
 PROXY_TREND_MIN = 0.5  # proxy "rose over the run": end - start >= 50% of its range
 CORRELATION_WATCH = 0.3  # watch: proxy rose over the run but corr(proxy, gold) below this
+# Gold fell over the whole run (end vs start, accuracy units): alarm / watch. Catches a proxy that
+# rose mostly before the gold peak (so "proxy rose after the peak" stays small) and the
+# shuffled-reward control, whose reward carries no signal.
+GOLD_FALL_ALARM = 0.1
+GOLD_FALL_WATCH = 0.05
+
+# Zero-signal groups (every sample of a prompt got the same reward: no group-relative gradient).
+ZERO_SIGNAL_RISE_ALARM = 0.2  # alarm: the fraction rose by this much and ends >= ..._END
+ZERO_SIGNAL_END = 0.5
+ZERO_SIGNAL_RISE_WATCH = 0.1
+SATURATED_REWARD = 0.8  # ... unless the reward ends this high: groups all correct, task learned
 
 # KL to the reference (sequence k1, nats).
 KL_WATCH_NATS = 10.0
@@ -260,7 +272,26 @@ def check_proxy_vs_gold(
         "correlation": corr,
         "proxy_is_gold": proxy_is_gold,
     }
+    gold_net = g[-1] - g[0]
+    numbers["gold_net_change"] = gold_net
+    numbers["proxy_trend"] = trend
+    numbers["proxy_start"], numbers["proxy_end"] = p[0], p[-1]
     diverging = gold_drop >= GOLD_MIN_CHANGE and rise_after >= PROXY_RISE_AFTER_GOLD_PEAK
+    fell_while_rising = trend >= PROXY_TREND_MIN and not proxy_is_gold
+    if fell_while_rising and gold_net <= -GOLD_FALL_WATCH and not (
+        diverging and (given_back is None or given_back >= GOLD_GIVEBACK_ALARM)
+    ):
+        severity = ALARM if gold_net <= -GOLD_FALL_ALARM else WATCH
+        return _finding(
+            "proxy_vs_gold",
+            title,
+            severity,
+            numbers,
+            f"{gold} fell from {g[0]:.3g} to {g[-1]:.3g} over the run (peak {g[ig]:.3g} at step "
+            f"{g_steps[ig]}) while {PROXY_METRIC} rose from {p[0]:.3g} to {p[-1]:.3g}: the proxy "
+            f"is optimised at the gold metric's expense ({_REF}); use the step-{g_steps[ig]} "
+            "checkpoint, raise the KL coefficient or fix the reward.",
+        )
     peaks = (
         f"{gold} peaked at step {g_steps[ig]} ({g[ig]:.3g}) and fell to {g[-1]:.3g} while "
         f"{PROXY_METRIC} kept rising to step {p_steps[ip]}"
@@ -300,6 +331,12 @@ def check_proxy_vs_gold(
         )
     else:
         corr_text = "undefined" if corr is None else f"{corr:.2f}"
+        if gold_net <= -GOLD_FALL_WATCH:
+            return _finding(
+                "proxy_vs_gold", title, OK, numbers,
+                f"{PROXY_METRIC} and {gold} fell together (correlation {corr_text}): no proxy/"
+                f"gold divergence ({_REF}); the loss itself is judged by Gold metric progress.",
+            )
         text = (
             f"{PROXY_METRIC} and {gold} move together (correlation {corr_text}; gold peak at step "
             f"{g_steps[ig]}, proxy peak at step {p_steps[ip]}): no sign of the proxy/gold "
@@ -504,7 +541,129 @@ def check_length_drift(
     return _finding("length_drift", title, severity, numbers, text[0].upper() + text[1:])
 
 
-CHECKS = (check_proxy_vs_gold, check_kl_growth, check_entropy_collapse, check_length_drift)
+def check_gold_progress(
+    records: Sequence[Mapping[str, Any]], *, window: int | None = None
+) -> dict[str, Any]:
+    """Did the gold metric improve? The question a shuffled-reward control answers with "no".
+
+    With G = smoothed gold (`gold_metric`): gold_change = G[-1] - G[0], best = max G at its step.
+    alarm: gold_change <= -GOLD_FALL_ALARM (training made the policy worse);
+    watch: gold_change <= -GOLD_FALL_WATCH, or |gold_change| < GOLD_MIN_CHANGE (no gain);
+    ok: gold rose by >= GOLD_MIN_CHANGE. Skipped without a gold metric.
+    """
+    title = "Gold metric progress"
+    gold = gold_metric(records)
+    if gold is None:
+        return _finding(
+            "gold_progress", title, SKIPPED, {"missing": " / ".join(GOLD_METRICS)},
+            f"Skipped: no gold metric with at least {MIN_POINTS} evaluations, so whether training "
+            "helped cannot be seen; set eval.every (and data.eval_path or data.task) "
+            f"({_REF}: gate on a held-out eval).",
+        )
+    steps, g = _smoothed(records, gold, window)  # type: ignore[misc]
+    ib = _argmax(g)
+    change = g[-1] - g[0]
+    numbers = {"gold_metric": gold, "gold_start": g[0], "gold_end": g[-1], "gold_change": change,
+               "gold_best": g[ib], "gold_best_step": steps[ib]}
+    moved = f"{gold} went from {g[0]:.3g} to {g[-1]:.3g} (best {g[ib]:.3g} at step {steps[ib]})"
+    if change <= -GOLD_FALL_ALARM:
+        return _finding(
+            "gold_progress", title, ALARM, numbers,
+            f"{moved}: training made the policy worse on held-out prompts, so the reward does "
+            "not teach the task (the expected result of a shuffled-reward control, whose reward "
+            f"carries no signal) ({_REF}).",
+        )
+    if change <= -GOLD_FALL_WATCH:
+        return _finding("gold_progress", title, WATCH, numbers,
+                        f"{moved}: a small loss on held-out prompts ({_REF}: gate on held-out).")
+    if abs(change) < GOLD_MIN_CHANGE:
+        return _finding("gold_progress", title, WATCH, numbers,
+                        f"{moved}: no gain; the reward has not taught the task yet ({_REF}).")
+    return _finding("gold_progress", title, OK, numbers, f"{moved}: the policy improved ({_REF}).")
+
+
+def check_zero_signal(
+    records: Sequence[Mapping[str, Any]], *, window: int | None = None
+) -> dict[str, Any]:
+    """Rising zero-signal groups: prompts whose samples all got the same reward (no gradient).
+
+    With Z = smoothed sampling/zero_signal_frac and R = smoothed reward/mean:
+    alarm: Z[-1] - Z[0] >= ZERO_SIGNAL_RISE_ALARM and Z[-1] >= ZERO_SIGNAL_END, unless
+    R[-1] >= SATURATED_REWARD (groups all correct: the task is learned, ok);
+    watch: Z rose by >= ZERO_SIGNAL_RISE_WATCH; else ok. Skipped without Z.
+    """
+    title = "Zero-signal groups"
+    series = _smoothed(records, ZERO_SIGNAL_METRIC, window)
+    if series is None:
+        return _finding(
+            "zero_signal", title, SKIPPED, {"missing": ZERO_SIGNAL_METRIC},
+            f"Skipped: no {ZERO_SIGNAL_METRIC} with at least {MIN_POINTS} steps (a group-sampling "
+            f"loop logs it; {_REF}).",
+        )
+    _, z = series
+    reward = _smoothed(records, PROXY_METRIC, window)
+    reward_end = reward[1][-1] if reward is not None else None
+    rise = z[-1] - z[0]
+    numbers = {"zero_signal_start": z[0], "zero_signal_end": z[-1], "rise": rise,
+               "reward_end": reward_end}
+    moved = f"the fraction of zero-signal groups went from {z[0]:.2f} to {z[-1]:.2f}"
+    if rise >= ZERO_SIGNAL_RISE_ALARM and z[-1] >= ZERO_SIGNAL_END:
+        if reward_end is not None and reward_end >= SATURATED_REWARD:
+            return _finding(
+                "zero_signal", title, OK, numbers,
+                f"{moved} with {PROXY_METRIC} at {reward_end:.2f}: groups are all correct, the "
+                f"training prompts are learned; harder prompts would give more signal ({_REF}).",
+            )
+        return _finding(
+            "zero_signal", title, ALARM, numbers,
+            f"{moved}: most groups now get identical rewards, so group-relative advantages are "
+            "zero and learning stalls; the policy collapsed onto answers the reward cannot tell "
+            f"apart (all wrong, or a shuffled reward) ({_REF}).",
+        )
+    if rise >= ZERO_SIGNAL_RISE_WATCH:
+        return _finding("zero_signal", title, WATCH, numbers,
+                        f"{moved}: less of each batch carries a gradient ({_REF}).")
+    return _finding("zero_signal", title, OK, numbers, f"{moved}: signal steady ({_REF}).")
+
+
+CHECKS = (
+    check_gold_progress,
+    check_proxy_vs_gold,
+    check_zero_signal,
+    check_kl_growth,
+    check_entropy_collapse,
+    check_length_drift,
+)
+
+
+# Which finding the verdict names when several share the worst severity: the most specific
+# diagnosis first (a proxy climbing while gold falls explains a gold loss).
+VERDICT_ORDER = ("proxy_vs_gold", "gold_progress", "zero_signal", "kl_growth",
+                 "entropy_collapse", "length_drift")
+
+
+def verdict(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's first line: {"severity", "headline", "reason"} from reward_hacking_report.
+
+    The worst finding decides (VERDICT_ORDER breaks ties); an ok run's
+    reason is the gold metric's progress; "skipped" when no check ran.
+    """
+    findings = report["findings"]
+    if report["overall"] == SKIPPED:
+        return {"severity": SKIPPED, "headline": "No verdict",
+                "reason": "none of the diagnostics had enough steps (no gold metric, reward or KL)."}
+    worst = report["overall"]
+    order = {check: i for i, check in enumerate(VERDICT_ORDER)}
+    ranked = sorted(findings, key=lambda f: order.get(f["check"], len(order)))
+    first = next(f for f in ranked if f["severity"] == worst)
+    if worst == OK:
+        gold = next((f for f in findings if f["check"] == "gold_progress"
+                     and f["severity"] == OK), first)
+        return {"severity": OK, "headline": "OK", "reason": gold["explanation"]}
+    others = sum(f["severity"] == worst for f in findings) - 1
+    more = f" (+{others} more {worst})" if others else ""
+    return {"severity": worst, "headline": f"{worst.upper()}: {first['title']}{more}",
+            "reason": first["explanation"]}
 
 
 def reward_hacking_report(

@@ -1,11 +1,11 @@
 """Self-contained HTML reports of runs: one file, no external assets, readable offline.
 
-`write_report(run_dir)` -> run_dir/report.html: run name, reward-hacking diagnostics
-(psirl.track.diagnostics: a table of findings and one figure of proxy reward and gold accuracy on
-shared axes with KL on a twin axis), resolved config, a table of final / min / max / best values,
-and one small plot per metric over steps, grouped by prefix ("eval/" first, then "reward/", "kl/",
-"loss/", ...). `write_compare_report(run_dirs, out_path)` overlays several
-runs' curves (legend = run folder name) and tabulates their final values and config differences.
+`write_report(run_dir)` -> run_dir/report.html, read top-down in thirty seconds: a verdict with
+its reason (the worst of psirl.track.diagnostics' checks), one large smoothed chart of the gold
+metric against the training reward with the best evaluation marked, the diagnostics table, key
+metrics; every other chart and the config folded away. `write_compare_report(run_dirs, out_path)`
+overlays several runs' curves (legend = run folder name) and tabulates their final values and
+config differences.
 
 Plots are matplotlib figures rendered with the Agg canvas (no GUI, no global backend switch) and
 embedded as base64 PNG data URIs. One figure per group keeps it fast with many metrics.
@@ -88,11 +88,9 @@ def group_metrics(names: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def best_direction(name: str) -> str | None:
-    """'min' for losses and errors, 'max' for accuracies / eval scores / mean reward, else None
-    (no 'best' shown: e.g. the best KL or entropy depends on the run)."""
+    """'max' for gold metrics (held-out eval/*, task accuracy) and the mean reward; None for
+    everything else (a "best" loss, KL or entropy means nothing on its own)."""
     lower = name.lower()
-    if "loss" in lower or "error" in lower:
-        return "min"
     if group_of(name) == "eval" or "accuracy" in lower or lower in ("reward/mean", "reward"):
         return "max"
     return None
@@ -177,6 +175,13 @@ img { max-width: 100%; }
 td.finding { text-align: left; max-width: 36em; } td.numbers { text-align: left; font-size: 0.9em; }
 .sev-ok { background: #e6f4ea; } .sev-watch { background: #fff4d6; }
 .sev-alarm { background: #fbe0e0; font-weight: bold; } .sev-skipped { color: #888; }
+.verdict { border-radius: 6px; padding: 0.8em 1.1em; margin: 0.8em 0 1.2em; font-size: 1.05em; }
+.verdict b { font-size: 1.35em; display: block; margin-bottom: 0.25em; }
+.verdict.sev-ok { border: 2px solid #2e7d32; } .verdict.sev-watch { border: 2px solid #b8860b; }
+.verdict.sev-alarm { border: 2px solid #c62828; font-weight: normal; }
+.verdict.sev-skipped { border: 2px solid #bbb; color: #444; }
+.findings th, .findings td { text-align: left; }
+details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -255,95 +260,145 @@ def _findings_table(findings: Sequence[Mapping[str, Any]]) -> str:
             f'<td class="numbers">{html.escape(_numbers_text(f["numbers"]))}</td>'
             f'<td class="finding">{html.escape(f["explanation"])}</td></tr>'
         )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f'<table class="findings"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def _proxy_gold_png(
-    series: Mapping[str, tuple[list[int], list[float]]], proxy_vs_gold: Mapping[str, Any]
-) -> str | None:
-    """One figure: proxy reward and every gold metric over steps on the same axes, KL on a twin
-    axis, dotted lines at the gold and proxy peak steps. None unless proxy and a gold exist."""
-    gold_names = [g for g in diagnostics.GOLD_METRICS if g in series]
-    proxy = series.get(diagnostics.PROXY_METRIC)
-    if proxy is None or not gold_names:
+MAIN_W, MAIN_H, MAIN_DPI = 10.0, 4.6, 100  # the gold-vs-reward chart: 1000 x 460 px
+
+
+def gold_names(series: Mapping[str, Any]) -> list[str]:
+    """Gold metrics present: every eval/* accuracy or pass@k (a curve identical to an earlier one
+    left out), else task/accuracy."""
+    held_out = sorted(n for n in series if group_of(n) == "eval"
+                      and ("accuracy" in n or "pass@" in n))
+    # pass@1_greedy repeats accuracy_greedy for a 0/1 reward: one line, not two on top.
+    distinct: list[str] = []
+    for name in held_out:
+        if not any(series[name] == series[kept] for kept in distinct):
+            distinct.append(name)
+    if distinct:
+        return distinct
+    return [n for n in ("task/accuracy",) if n in series]
+
+
+def main_chart_png(series: Mapping[str, tuple[list[int], list[float]]],
+                   best: tuple[str, int, float] | None) -> str | None:
+    """The one large chart: gold metrics against the training reward, smoothed.
+
+    Each curve is drawn raw (thin, faint) and smoothed (diagnostics.smooth with
+    default_window of its length); the reward goes on a right axis when it leaves [0, 1] (a
+    learned reward model); a dashed line marks `best` = (gold metric, step, value). The legend
+    sits below the axes, never over the data. None when there is neither gold nor reward.
+    """
+    golds = gold_names(series)
+    reward = series.get(diagnostics.PROXY_METRIC)
+    if not golds and reward is None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 3.2), dpi=_DPI)
+    fig = Figure(figsize=(MAIN_W, MAIN_H), dpi=MAIN_DPI)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    dense = {"linewidth": 1.4}
-    ax.plot(*proxy, color="C0", label=f"{diagnostics.PROXY_METRIC} (proxy)", **dense)
-    for i, name in enumerate(gold_names):
-        style = {"marker": "o", "markersize": 3} if len(series[name][0]) <= 30 else {}
-        ax.plot(*series[name], color=f"C{i + 1}", label=f"{name} (gold)", **dense, **style)
-    numbers = proxy_vs_gold.get("numbers", {})
-    for key, color in (("gold_peak_step", "C1"), ("proxy_peak_step", "C0")):
-        if isinstance(numbers.get(key), int):
-            ax.axvline(
-                numbers[key],
-                color=color,
-                linestyle=":",
-                linewidth=1.0,
-                label=key.replace("_", " ") + f" {numbers[key]}",
-            )
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_ylabel("reward / accuracy", fontsize=8)
-    ax.tick_params(labelsize=7)
+
+    def draw(axis, steps, values, color, label, width):
+        pairs = [(x, v) for x, v in zip(steps, values, strict=True) if math.isfinite(v)]
+        if not pairs:
+            return
+        xs, vs = [x for x, _ in pairs], [v for _, v in pairs]
+        smoothed = diagnostics.smooth(vs, diagnostics.default_window(len(vs)))
+        if smoothed != vs:
+            axis.plot(xs, vs, color=color, linewidth=0.8, alpha=0.25)
+        style = {"marker": "o", "markersize": 4} if len(xs) <= 30 else {}
+        axis.plot(xs, smoothed, color=color, linewidth=width, label=label, **style)
+
+    for i, name in enumerate(golds):
+        draw(ax, *series[name], f"C{(i + 1) % 10}", f"{name} (gold)", 2.6)
+    reward_axis = ax
+    if reward is not None:
+        finite = _finite(reward[1])
+        if finite and (min(finite) < -0.05 or max(finite) > 1.05):
+            reward_axis = ax.twinx()
+            reward_axis.set_ylabel("training reward", fontsize=10)
+        draw(reward_axis, *reward, "C0", "reward/mean (training reward)", 1.8)
+    if best is not None:
+        name, step, value = best
+        ax.axvline(step, color="0.3", linestyle="--", linewidth=1.2,
+                   label=f"best by {name}: step {step} ({value:.3g})")
+    ax.set_xlabel("step", fontsize=10)
+    ax.set_ylabel("gold metric" + ("" if reward_axis is not ax else " / reward"), fontsize=10)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    kl = series.get(diagnostics.KL_METRIC)
-    if kl is not None:
-        ax_kl = ax.twinx()
-        ax_kl.plot(
-            *kl,
-            color="0.45",
-            linestyle="--",
-            linewidth=1.1,
-            label=f"{diagnostics.KL_METRIC} (nats, right)",
-        )
-        ax_kl.set_ylabel("KL (nats)", fontsize=8)
-        ax_kl.tick_params(labelsize=7)
-        h, lab = ax_kl.get_legend_handles_labels()
+    if reward_axis is not ax:
+        h, lab = reward_axis.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
-    ax.legend(handles, labels, fontsize=7, loc="best", framealpha=0.8)
-    fig.subplots_adjust(left=0.09, right=0.91 if kl is not None else 0.97, bottom=0.15, top=0.95)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=10,
+               frameon=False)
+    rows = math.ceil(len(labels) / 3)
+    fig.subplots_adjust(left=0.07, right=0.93 if reward_axis is not ax else 0.98, top=0.96,
+                        bottom=0.14 + 0.055 * rows)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _diagnostics_section(
-    records: Sequence[Mapping[str, Any]], series: Mapping[str, tuple[list[int], list[float]]]
-) -> list[str]:
-    """The "Reward-hacking diagnostics" section: overall line, findings table, proxy/gold figure."""
-    report = diagnostics.reward_hacking_report(records)
-    parts = ["<h2>Reward-hacking diagnostics</h2>"]
+def best_by_gold(series: Mapping[str, tuple[list[int], list[float]]]
+                 ) -> tuple[str, int, float] | None:
+    """(gold metric, step, value) of the best evaluation (first maximum of the raw values)."""
+    for name in gold_names(series):
+        steps, values = series[name]
+        finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+        if finite:
+            i = max(finite, key=lambda i: (values[i], -i))
+            return name, steps[i], values[i]
+    return None
+
+
+def is_control(config_text: str | None) -> bool:
+    """True when the run's config has `reward.shuffle: true` (the shuffled-reward control)."""
+    if not config_text:
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return False
+    reward = data.get("reward") if isinstance(data, dict) else None
+    return isinstance(reward, dict) and reward.get("shuffle") is True
+
+
+def _verdict_html(report: Mapping[str, Any], control: bool) -> str:
+    found = diagnostics.verdict(report)
+    sev = html.escape(found["severity"])
+    note = ""
+    if control:
+        note = ("<br><i>This run is a shuffled-reward control: its gold metric must not improve. "
+                "A gold-progress alarm here is the expected result and shows that the real "
+                "run's gain comes from its reward.</i>")
+    return (f'<div class="verdict sev-{sev}"><b>{html.escape(found["headline"])}</b>'
+            f'{html.escape(found["reason"])}{note}</div>')
+
+
+def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
+    """Findings table of every diagnostic (the verdict above already names the worst)."""
+    parts = ["<h2>Diagnostics</h2>"]
     if report["overall"] == diagnostics.SKIPPED:
-        used = (
-            diagnostics.PROXY_METRIC,
-            diagnostics.KL_METRIC,
-            diagnostics.ENTROPY_METRIC,
-            diagnostics.LENGTH_METRIC,
-        )
-        parts.append(
-            f'<p class="note">no reward-hacking signals in this run (none of {", ".join(used)} '
-            f"has {diagnostics.MIN_POINTS} steps)</p>"
-        )
+        parts.append(f'<p class="note">no diagnostics: none of the metrics they read has '
+                     f"{diagnostics.MIN_POINTS} steps</p>")
         return parts
-    counts = ", ".join(f"{n} {s}" for s, n in report["counts"].items() if n)
-    parts.append(
-        f'<p>overall: <span class="sev-{report["overall"]}">{report["overall"]}</span> ({counts});'
-        " after reference 003: proxy reward up while gold accuracy traces an inverted U, KL and"
-        " length drifting, entropy collapsing.</p>"
-    )
-    parts.append(_findings_table(report["findings"]))
-    proxy_vs_gold = next(f for f in report["findings"] if f["check"] == "proxy_vs_gold")
-    uri = _proxy_gold_png(series, proxy_vs_gold)
-    if uri is not None:
-        parts.append(f'<img src="{uri}" alt="proxy reward vs gold accuracy and KL">')
+    parts.append(_findings_table([f for f in report["findings"]
+                                  if f["severity"] != diagnostics.SKIPPED]))
+    skipped = [f["title"] for f in report["findings"] if f["severity"] == diagnostics.SKIPPED]
+    if skipped:
+        parts.append(f'<p class="note">not enough data for: {html.escape(", ".join(skipped))}</p>')
     return parts
+
+
+def _is_flat(values: Sequence[float]) -> bool:
+    finite = _finite(values)
+    return len(finite) < 2 or max(finite) - min(finite) <= 1e-12 * max(1.0, abs(finite[0]))
 
 
 # --------------------------------------------------------------------------- single run
@@ -352,17 +407,19 @@ def _diagnostics_section(
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write a self-contained HTML report of one run; return its path (default run_dir/report.html).
 
-    Reads run_dir/metrics.jsonl (required) and run_dir/config.yaml (shown verbatim if present).
-    Sections: header (run name, steps, wall time), reward-hacking diagnostics
-    (diagnostics.reward_hacking_report: findings table, proxy-vs-gold figure with KL, after
-    ../shared/reference/003_e8bd019fa090e190.txt), resolved config, final / min / max / best table,
-    then one plot per numeric metric grouped by prefix, "eval/" first.
+    Read top-down in thirty seconds: the verdict (the worst diagnostic and its reason; a note
+    when the config marks a shuffled-reward control), one large chart of the gold metric against
+    the training reward (smoothed, best evaluation marked), the diagnostics table, a table of the
+    key metrics (best only for gold metrics and the reward), then, folded: every other metric's
+    chart (flat ones listed, not drawn) and the config.
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     out_path = Path(out) if out is not None else run_dir / REPORT_FILE
     series = numeric_series(records)
     name = run_dir.resolve().name
+    config = _read_text(run_dir / "config.yaml")
+    report = diagnostics.reward_hacking_report(records)
 
     parts = [f"<h1>{html.escape(name)}</h1>"]
     meta = [f"run folder: {html.escape(str(run_dir))}", f"records: {len(records)}"]
@@ -373,32 +430,52 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             meta.append(f"wall time: {_duration(times[-1] - times[0])}")
     meta.append(f"generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}")
     parts.append(f'<p class="meta">{" · ".join(meta)}</p>')
-    parts.extend(_diagnostics_section(records, series))
+    parts.append(_verdict_html(report, is_control(config)))
 
-    config = _read_text(run_dir / "config.yaml")
-    parts.append("<h2>Config</h2>")
-    if config is None:
-        parts.append('<p class="note">no config.yaml in the run folder</p>')
-    else:
-        parts.append(
-            f"<details open><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>"
-        )
+    best = best_by_gold(series)
+    uri = main_chart_png(series, best)
+    if uri is not None:
+        parts.append("<h2>Gold metric vs training reward</h2>")
+        parts.append(f'<img src="{uri}" alt="gold metric vs training reward">')
+        if best is not None:
+            parts.append(f'<p class="meta">best evaluation by {html.escape(best[0])}: step '
+                         f"{best[1]} ({_fmt(best[2])})</p>")
+    parts.extend(_diagnostics_section(report))
 
     groups = group_metrics(list(series))
-    parts.append("<h2>Final and best values</h2>")
+    key = gold_names(series) + [n for n in (diagnostics.PROXY_METRIC, diagnostics.KL_METRIC,
+                                            diagnostics.ZERO_SIGNAL_METRIC) if n in series]
+    parts.append("<h2>Key metrics</h2>")
     if not series:
         parts.append('<p class="note">no numeric metrics recorded yet</p>')
     else:
-        ordered = [n for _, names in groups for n in names]
-        parts.append(
-            _table(["metric", "final", "min", "max", "best"], _summary_rows(series, ordered))
-        )
+        parts.append(_table(["metric", "final", "min", "max", "best"],
+                            _summary_rows(series, [n for n in key if n in series])))
 
-    for group, names in groups:
+    charted = [(g, [n for n in names if not _is_flat(series[n][1])]) for g, names in groups]
+    flat = sorted(n for _, names in groups for n in names if _is_flat(series[n][1]))
+    n_charts = sum(len(names) for _, names in charted)
+    inner = []
+    for group, names in charted:
+        if not names:
+            continue
         title = "eval (held-out)" if group == "eval" else group
         panels = [(n, [(None, *series[n])]) for n in names]
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(f'<img src="{_png_data_uri(panels)}" alt="{html.escape(group)} metrics">')
+        inner.append(f"<h3>{html.escape(title)}</h3>")
+        alt = f"{group} metrics: {', '.join(names)}"  # the names stay searchable text
+        inner.append(f'<img src="{_png_data_uri(panels)}" alt="{html.escape(alt)}">')
+    if flat:
+        inner.append(f'<p class="note">constant over the run (not drawn): '
+                     f'{html.escape(", ".join(flat))}</p>')
+    if series:
+        parts.append(f"<details><summary>All metrics ({n_charts} charts)</summary>"
+                     f"{''.join(inner)}</details>")
+
+    if config is None:
+        parts.append('<p class="note">no config.yaml in the run folder</p>')
+    else:
+        parts.append(f"<details><summary>Config</summary><pre>{html.escape(config)}</pre>"
+                     "</details>")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(_page(f"psirl report: {name}", "\n".join(parts)), encoding="utf-8")

@@ -73,10 +73,17 @@ def build_task(config):
 
 
 def eval_records(config, task) -> list[dict]:
-    """Held-out prompts: from `data.eval_path`, else from the task's held-out seed range."""
+    """Held-out prompts: from `data.eval_path`, else from the task's held-out seed range.
+
+    A JSONL eval file in GSM8K (question / answer) or MATH (problem / solution) format, with no
+    `prompt` field, is read by psirl.data.gsm8k (final answers extracted from the solutions).
+    """
     if config.data.eval_path is not None:
+        from psirl.data.gsm8k import is_math_format, read_math_jsonl
         from psirl.data.records import load_records
 
+        if is_math_format(config.data.eval_path):
+            return read_math_jsonl(config.data.eval_path, limit=config.eval.n)
         return load_records(config.data.eval_path, kind="prompt", limit=config.eval.n)
     if task is None:
         return []

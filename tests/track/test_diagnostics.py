@@ -111,10 +111,11 @@ def test_series_helpers_exact():
 def test_healthy_run_is_all_ok(window):
     report = reward_hacking_report(_healthy(), window=window)
     assert report["overall"] == OK
-    assert report["counts"] == {OK: 4, WATCH: 0, ALARM: 0, SKIPPED: 0}
+    # Every check ran except zero-signal groups (no sampling/zero_signal_frac in these curves).
+    assert report["counts"] == {OK: 5, WATCH: 0, ALARM: 0, SKIPPED: 1}
     assert report["steps"] == [0, 60]
     checks = _by_check(report)
-    assert all(f["severity"] == OK for f in report["findings"])
+    assert all(f["severity"] == OK for f in report["findings"] if f["check"] != "zero_signal")
     assert all("reference 003" in f["explanation"] for f in report["findings"])
     if window == 1:
         pg = checks["proxy_vs_gold"]["numbers"]
@@ -259,6 +260,7 @@ def test_missing_metrics_and_few_steps_are_skipped():
     pg = checks["proxy_vs_gold"]
     assert pg["severity"] == SKIPPED
     assert pg["explanation"].startswith("Skipped: no eval/accuracy / eval/accuracy_greedy")
+    assert checks["gold_progress"]["severity"] == SKIPPED
     assert checks["kl_growth"]["severity"] == OK
     assert checks["entropy_collapse"]["severity"] == SKIPPED
     assert "entropy/mean" in checks["entropy_collapse"]["explanation"]
@@ -266,7 +268,7 @@ def test_missing_metrics_and_few_steps_are_skipped():
     # Two eval points are not a curve: gold is skipped, the proxy alone is not enough.
     sparse = _records({"reward/mean": lambda s: 0.1 * s}, steps=range(1, 3))
     report = reward_hacking_report(sparse)
-    assert report["overall"] == SKIPPED and report["counts"][SKIPPED] == 4
+    assert report["overall"] == SKIPPED and report["counts"][SKIPPED] == 6
 
     sft_like = [{"step": s, "loss": 1.0 / s} for s in range(1, 10)]
     assert reward_hacking_report(sft_like)["overall"] == SKIPPED
@@ -286,24 +288,27 @@ def _write_run(run_dir, records):
     return run_dir
 
 
-def test_report_has_diagnostics_section_and_figure(tmp_path):
+def test_report_has_verdict_diagnostics_and_main_figure(tmp_path):
     run = _write_run(tmp_path / "hacked", _over_optimised())
     text = write_report(run).read_text()
     heads = re.findall(r"<h2>([^<]+)</h2>", text)
-    assert heads[:2] == ["Reward-hacking diagnostics", "Config"]
-    section = text.split("<h2>Reward-hacking diagnostics</h2>")[1].split("<h2>Config</h2>")[0]
-    assert 'overall: <span class="sev-alarm">alarm</span> (1 ok, 1 alarm, 2 skipped)' in section
+    assert heads == ["Gold metric vs training reward", "Diagnostics", "Key metrics"]
+    verdict = text.split('<div class="verdict sev-alarm"><b>')[1].split("</div>")[0]
+    assert verdict.startswith("ALARM: Proxy vs gold</b>")
+    assert "peaked at step 30" in verdict
+    section = text.split("<h2>Diagnostics</h2>")[1].split("<h2>Key metrics</h2>")[0]
     assert '<tr><td>Proxy vs gold</td><td class="sev-alarm">alarm</td>' in section
     assert "gold_peak_step = 30; proxy_peak_step = 60" in section
-    assert '<tr><td>Entropy collapse</td><td class="sev-skipped">skipped</td>' in section
+    assert "not enough data for: Zero-signal groups, Entropy collapse" in section
     figure = re.findall(
-        r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="proxy reward vs gold', section
+        r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="gold metric vs training', text
     )
     assert len(figure) == 1 and base64.b64decode(figure[0]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "best evaluation by eval/accuracy: step 30" in text
 
 
-def test_report_without_rl_metrics_has_a_note_and_no_figure(tmp_path):
+def test_report_without_rl_metrics_has_a_note_and_no_main_figure(tmp_path):
     run = _write_run(tmp_path / "sft", [{"step": s, "loss": 1.0 / s} for s in range(1, 6)])
     text = write_report(run).read_text()
-    section = text.split("<h2>Reward-hacking diagnostics</h2>")[1].split("<h2>Config</h2>")[0]
-    assert "no reward-hacking signals in this run" in section and "<img" not in section
+    assert '<div class="verdict sev-skipped"><b>No verdict</b>' in text
+    assert "no diagnostics" in text and "gold metric vs training" not in text

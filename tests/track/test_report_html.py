@@ -59,12 +59,7 @@ def test_helpers():
     ]
     assert [
         best_direction(n) for n in ("loss/policy", "eval/accuracy", "reward/mean", "kl/mean")
-    ] == [
-        "min",
-        "max",
-        "max",
-        None,
-    ]
+    ] == [None, "max", "max", None]  # no "best" loss: a loss is not a quality measure
     records = [{"step": 1, "time": 9.0, "a": 1, "b": "x", "c": True}, {"step": 2, "a": 2.5}]
     assert numeric_series(records) == {"a": ([1, 2], [1.0, 2.5])}
 
@@ -75,31 +70,26 @@ def test_report_is_self_contained_with_sections_and_values(tmp_path):
     assert out == run / "report.html"
     text = out.read_text()
     images = _assert_self_contained(text)
-    assert len(images) == 6  # proxy vs gold (diagnostics), eval, reward, kl, time, other
+    # The main gold-vs-reward chart, then the folded charts: eval, reward, kl, other
+    # (time/step_s is constant: listed, not drawn).
+    assert len(images) == 5
     assert "<h1>my-run</h1>" in text
-    assert "<pre>loop: online\noptim:\n  lr: 0.001\n  batch_size: 8\n</pre>" in text
-    # eval section comes first, then reward, kl.
+    assert ("<details><summary>Config</summary><pre>loop: online\noptim:\n  lr: 0.001\n"
+            "  batch_size: 8\n</pre></details>") in text
     heads = re.findall(r"<h2>([^<]+)</h2>", text)
-    assert heads == [
-        "Reward-hacking diagnostics",
-        "Config",
-        "Final and best values",
-        "eval (held-out)",
-        "reward",
-        "kl",
-        "time",
-        "other",
-    ]
-    # Table rows: final, min, max, best (step).
+    assert heads == ["Gold metric vs training reward", "Diagnostics", "Key metrics"]
+    assert text.index('class="verdict') < text.index("<h2>")  # the verdict comes first
+    assert "<details><summary>All metrics (4 charts)</summary>" in text
+    assert "constant over the run (not drawn): time/step_s" in text
+    assert re.findall(r"<h3>([^<]+)</h3>", text) == ["eval (held-out)", "reward", "kl", "other"]
+    # Key metrics: final, min, max, best (step) - best only for gold metrics and the reward.
     assert (
         "<tr><td>eval/accuracy</td><td>0.6</td><td>0.3</td><td>0.6</td><td>0.6 (step 6)</td></tr>"
         in text
     )
-    assert (
-        "<tr><td>loss</td><td>0.1667</td><td>0.1667</td><td>1</td><td>0.1667 (step 6)</td></tr>"
-        in text
-    )
     assert "<tr><td>kl/mean</td><td>0.06</td><td>0.01</td><td>0.06</td><td>—</td></tr>" in text
+    assert "<tr><td>loss</td>" not in text  # losses are charted (folded), not rated
+    assert "best evaluation by eval/accuracy: step 6 (0.6)" in text
     assert "phase" not in text  # non-numeric metric skipped
 
 
