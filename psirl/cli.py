@@ -15,9 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="psirl: RL po
 @app.callback()
 def _quiet_libraries() -> None:
     """The CLI prints its own progress; transformers' per-load/per-save bars would interleave."""
-    import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

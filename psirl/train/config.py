@@ -270,12 +270,14 @@ class CheckpointConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Held-out evaluation every `every` steps (0 = never) on `n` prompts, greedy and/or sampled."""
+    """Held-out evaluation every `every` steps (0 = never) on `n` prompts (data.eval_path, else
+    the built-in task's held-out split), greedy and/or sampled (n_samples per prompt)."""
 
     every: int = Field(0, ge=0)
     n: int = Field(64, gt=0)
     greedy: bool = True
     sampled: bool = False
+    n_samples: int = Field(1, ge=1)  # sampled completions per prompt: pass@k for k <= n_samples
     max_new_tokens: int = Field(32, gt=0)
 
     @model_validator(mode="after")

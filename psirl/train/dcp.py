@@ -149,7 +149,13 @@ def save_final_policy(policy: torch.nn.Module, out_dir: Path,
     gathered weights). The architecture recorded in config.json is the model's own class name,
     not FSDP's generated subclass (FSDPQwen2ForCausalLM), so transformers and vLLM load it."""
     if state_dict is None:
-        policy.save_pretrained(out_dir, safe_serialization=True)
+        from psirl.models.loading import _is_peft_model, save_policy
+
+        # LoRA: final/ is the merged model (loads as a plain folder, so stages chain: SFT with
+        # LoRA -> DPO / GRPO from final/), and final/adapter/ the adapter alone.
+        save_policy(policy, None, out_dir, merge_lora=True)
+        if _is_peft_model(policy):
+            policy.save_pretrained(Path(out_dir) / "adapter", safe_serialization=True)
         return
     policy.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     for config_file in Path(out_dir).glob("**/config.json"):

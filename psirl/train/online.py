@@ -49,7 +49,7 @@ from psirl.train.distributed import (
     shard_indices,
     world,
 )
-from psirl.train.evaluation import task_evaluator
+from psirl.train.evaluation import evaluator_from_config
 from psirl.train.fsdp import shard_models
 from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
 
@@ -175,7 +175,8 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
                     records=records, task=task, ref_model=ref_model, value_model=value_model,
                     params=params, value_params=value_params, optimizers=optimizers,
                     schedulers=schedulers, kl_ctl=kl_ctl)
-    evaluate = task_evaluator(config, model, tokenizer, task, max_new_tokens=sampling.max_new_tokens)
+    evaluate = evaluator_from_config(config, model, tokenizer, task, engine=sampler.engine,
+                                     max_new_tokens=sampling.max_new_tokens)
     if config.env is not None and config.eval.every > 0:
         evaluate = _episode_evaluator(config, sampler, task, sampling.max_new_tokens)
     return LoopSpec(

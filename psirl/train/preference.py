@@ -270,7 +270,7 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         labelled_samples,
         train_pairs,
     )
-    from psirl.train.setup import encode_texts, eval_records
+    from psirl.train.setup import encode_texts
     from psirl.train.sft import epoch_batch_indices
 
     pcfg, optim = config.preference, config.optim
@@ -289,7 +289,6 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
 
     held_out = [] if pcfg.labelled else eval_pairs(config, tokenizer, task)
     held_out_ids = encode_pairs(tokenizer, held_out) if held_out else None
-    eval_recs = eval_records(config, task) if task is not None else []
 
     engine = None
     if pcfg.online:
@@ -324,16 +323,19 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
             engine.sync(model)  # the next step samples from the updated policy
         return metrics
 
+    from psirl.train.evaluation import evaluator_from_config
+
+    # Task accuracy on the built-in task's held-out prompts or data.eval_path (any preference
+    # data: a DPO run that raises pair accuracy while task accuracy falls shows it here).
+    task_eval = evaluator_from_config(config, model, tokenizer, task,
+                                      engine=getattr(engine, "engine", None))
+
     def evaluate(step_index: int) -> dict[str, float]:
         out = {}
         if held_out_ids is not None:
             out.update(pair_eval(model, ref_model, held_out_ids, pcfg=pcfg, pad_id=pad_id))
-        if task is not None and eval_recs:
-            from psirl.train.evaluation import eval_metrics
-
-            out.update(eval_metrics(model, tokenizer, eval_recs, task.reward,
-                                    max_new_tokens=config.eval.max_new_tokens, seed=config.seed,
-                                    greedy=config.eval.greedy, sampled=config.eval.sampled))
+        if task_eval is not None:
+            out.update(task_eval(step_index))
         return out
 
     # Offline updates shard each step's pairs over data-parallel ranks; online DPO samples in

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 MAX_ABS_REWARD = 1e6
 
 
-def _build(section, task, tokenizer):
+def _build(section, task, tokenizer=None):
     """Unwrapped reward function for one config section (recursive for `weighted`)."""
     kind = section.kind
     if kind == "task":

@@ -136,7 +136,7 @@ def grow(sampler, records: list[dict], st, seed: int):
 
 def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     """The LoopSpec of STaR / ReST / RAFT. reward_fn: defaults to `build_reward(config, task)`."""
-    from psirl.train.evaluation import task_evaluator
+    from psirl.train.evaluation import evaluator_from_config
     from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
     from psirl.train.sft import epoch_batch_indices
     from psirl.train.sft_update import sft_update
@@ -182,7 +182,7 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         sampler.sync(model)
         return metrics
 
-    evaluate = task_evaluator(config, model, tokenizer, task)
+    evaluate = evaluator_from_config(config, model, tokenizer, task, engine=sampler.engine)
 
     def get_state() -> dict:
         return dict(state)
