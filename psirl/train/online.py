@@ -134,7 +134,7 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
         check_prompt_lengths(records, tokenizer, config.data.max_prompt_tokens,
                              config.data.train_path or f"task {config.data.task}",
                              chat=config.data.chat)
-    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn, records=records)
 
     uses_kl = knobs.loss.kl_placement != "none" and (knobs.loss.kl_coef > 0 or knobs.kl_control.adaptive)
     # The reference is a frozen copy of the initial policy: only built when the KL needs it.

@@ -351,8 +351,8 @@ def _online_data(config, model, tokenizer, task, reward_fn):
     from psirl.train.preference_online import sample_online_pairs
     from psirl.train.setup import build_sampler, load_prompt_records
 
-    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
     records = load_prompt_records(config, task)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn, records=records)
     pcfg = config.preference
 
     def step_data(step_index, generator):

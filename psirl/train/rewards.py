@@ -136,3 +136,21 @@ def build_reward(config, task, tokenizer=None, reward_fn=None):
 
         return ShuffledReward(fn)
     return fn
+
+
+def validate_reward(fn, records: list[dict]) -> None:
+    """Run every `validate(records)` of the reward and its parts before training starts, so a
+    record the reward cannot score (code tests that never call `check`, a missing field) is a
+    clear error naming it, not a fallback reward in every step."""
+    seen: set[int] = set()
+    stack = [fn]
+    while stack:
+        part = stack.pop()
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        validate = getattr(type(part), "validate", None)
+        if callable(validate):
+            part.validate(records)
+        stack.append(part.__dict__.get("fn") if hasattr(part, "__dict__") else None)
+        stack.extend(c[1] for c in getattr(part, "components", []) or [])

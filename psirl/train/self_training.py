@@ -144,8 +144,8 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     st, optim = config.self_training, config.optim
     model, tokenizer = build_policy(config, run_dir)
     task = build_task(config)
-    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn)
     records = load_prompt_records(config, task)
+    sampler = build_sampler(config, model, tokenizer, task, reward_fn=reward_fn, records=records)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, config.max_steps)

@@ -138,11 +138,13 @@ def load_prompt_records(config, task) -> list[dict]:
     return task.make(config.data.n_train, seed=config.seed)
 
 
-def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score: bool = True):
+def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score: bool = True,
+                  records: list[dict] | None = None):
     """The run's rollout layer: the configured engine (`rollout.engine`) over `model`, prompts
     rendered by the `data.chat` rule, and the configured reward (or the Python `reward_fn`);
     with an `env:` section, samples are multi-turn episodes whose environment gives the rewards.
-    score=False builds no reward (a loop that only generates)."""
+    score=False builds no reward (a loop that only generates). records: the prompt records the
+    reward will score, checked once now (psirl.train.rewards.validate_reward)."""
     from psirl.rollout.build import build_engine
     from psirl.rollout.sampler import Sampler
 
@@ -151,6 +153,10 @@ def build_sampler(config, model, tokenizer, task=None, *, reward_fn=None, score:
         from psirl.train.rewards import build_reward
 
         fn = build_reward(config, task, tokenizer, reward_fn=reward_fn)
+        if records is not None:
+            from psirl.train.rewards import validate_reward
+
+            validate_reward(fn, records)
     episodes = None
     if getattr(config, "env", None) is not None:
         import functools

@@ -216,3 +216,19 @@ def test_reward_fn_is_refused_by_a_loop_that_scores_nothing(tiny_dir, tmp_path):
                             "data": {"task": "addition", "task_kwargs": {"digits": 1}}})
     with pytest.raises(ValueError, match="reward_fn: loop 'sft' scores no samples"):
         run_config(cfg, reward_fn=lambda p, c, r: [0.0] * len(c))
+
+
+def test_code_records_the_reward_cannot_grade_fail_before_training(tiny_dir, tmp_path):
+    """HumanEval's `check` defined and never called would give reward 1 to any program: the run
+    refuses it at start, naming the record, instead of training on fallback rewards."""
+    data = tmp_path / "code.jsonl"
+    data.write_text(json.dumps({"prompt": "def add(a, b):", "entry_point": "add",
+                                "tests": ["def check(candidate):\n    assert candidate(1, 2) == 3\n"]})
+                    + "\n")
+    cfg = _config(tiny_dir, tmp_path / "run", "online", {"train_path": str(data)},
+                  reward={"kind": "code", "allow_weak_sandbox": True},
+                  algorithm={"preset": "grpo", "knobs": {"sampling": {"group_size": 2,
+                                                                      "max_new_tokens": 2}}},
+                  optim={"batch_size": 1})
+    with pytest.raises(ValueError, match="check"):
+        run_config(config_from_dict(cfg), quiet=True)
