@@ -25,7 +25,9 @@ def test_algorithms_json_lists_the_nine_presets():
     assert [row["method"] for row in rows] == [
         "reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo"]
     assert set(rows[0]) == {"method", "baseline", "advantage_unit", "ratio_clip_unit",
-                            "length_handling", "kl", "paper"}
+                            "length_handling", "kl", "paper", "knobs"}
+    ppo_knobs = {row["method"]: row for row in rows}["ppo"]["knobs"]
+    assert ppo_knobs["advantage"]["estimator"] == "gae" and "vf_coef" in ppo_knobs["value"]
     assert all(row["paper"] for row in rows)
     by_name = {row["method"]: row for row in rows}
     assert "GAE" in by_name["ppo"]["advantage_unit"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["entropy_from_logits"]
+__all__ = ["entropy_from_logits", "entropy_from_logprobs"]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -31,3 +31,15 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     # those entries contribute 0, so replace z there before multiplying.
     z_safe = torch.where(p > 0, z, torch.zeros_like(z))
     return (torch.logsumexp(z, dim=-1) - (p * z_safe).sum(dim=-1)).to(logits.dtype)
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy from a log-softmax already computed: H = -sum_v exp(l_v) l_v.
+
+    logp: [..., V] float log-probabilities (entries of -inf, i.e. probability 0, contribute 0).
+    Returns [...] in logp's dtype; differentiable. This is the form the log-prob pass uses
+    (psirl.models.logprobs.token_logprobs): it reuses the chunk's log-softmax instead of a
+    second softmax over the vocabulary.
+    """
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)

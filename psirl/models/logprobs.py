@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from psirl.core.entropy import entropy_from_logprobs
+
 from .backbone import apply_logit_transform, completion_hidden_states, split_backbone_and_head
 from .sharded import through_fsdp_root
 
@@ -93,11 +95,11 @@ def token_logprobs(
         logp_all = F.log_softmax(logits, dim=-1)  # [n, V] float32, freed after this chunk
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if with_entropy and entropy_grad:
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = entropy_from_logprobs(logp_all)
         elif with_entropy:
             # A metric only (no entropy bonus): kept out of autograd, so backward skips it.
             with torch.no_grad():
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+                entropy = entropy_from_logprobs(logp_all)
         else:
             entropy = logp.new_zeros(())
         return logp, entropy

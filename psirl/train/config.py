@@ -1103,6 +1103,15 @@ def save_resolved_config(config: TrainConfig, run_dir: str | os.PathLike) -> Pat
     out = run_dir / CONFIG_FILE
     text = "# resolved psirl config (all defaults filled in); resume with psirl train --resume\n"
     text += yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+    if config.loop == "online" and config.algorithm.preset is not None:
+        # What the preset plus overrides resolve to, every knob (read-only: the run is defined
+        # by `algorithm:` above, so a preset whose defaults change is still visible here).
+        from psirl.algorithms import knobs_to_dict
+
+        knobs = yaml.safe_dump({"resolved_knobs": knobs_to_dict(resolve_algorithm(config))},
+                               sort_keys=False, default_flow_style=False)
+        text += ("# algorithm.preset + algorithm.knobs resolve to (for reading; not read back):\n"
+                 + "".join(f"# {line}\n" for line in knobs.splitlines()))
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)

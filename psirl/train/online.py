@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from psirl.algorithms import OnlineKnobs
-from psirl.core.filters import zero_signal_groups
+from psirl.core.filters import dynamic_sampling_keep, zero_signal_groups
 from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from psirl.core.masking import masked_mean
 from psirl.core.objective import policy_loss
 from psirl.core.score import Scores, score_rollouts
-from psirl.core.value import clipped_value_loss, explained_variance
+from psirl.core.value import clipped_value_loss, explained_variance, value_clip_fraction
 from psirl.models.logprobs import token_logprobs
 from psirl.rollout.batch import RolloutBatch, SamplingParams
 from psirl.rollout.sampler import Sampler, ScoredRollouts
@@ -241,9 +241,11 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
         pool = (order[offset:] + order[:offset])[rank::world_size]
         cursor, rounds, have = 0, 0, 0
         while True:
-            zero = zero_signal_groups(got.rewards, got.batch.group_ids)
-            keep_groups = set((~zero).nonzero().flatten().tolist()[: n_prompts - have])
-            rows = [i for i, g in enumerate(got.batch.group_ids.tolist()) if g in keep_groups]
+            groups = got.batch.group_ids.tolist()
+            signal = dynamic_sampling_keep(got.rewards, got.batch.group_ids).tolist()
+            keep_groups = set(sorted({g for g, k in zip(groups, signal, strict=True) if k})
+                              [: n_prompts - have])
+            rows = [i for i, g in enumerate(groups) if g in keep_groups]
             if rows:
                 kept.append(ScoredRollouts(got.batch.select(rows), got.rewards[rows],
                                            [got.records[i] for i in rows], got.metrics))
@@ -338,6 +340,9 @@ def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
                         knobs.value.value_clip, v_norm)
                     vloss.backward()
                     lm["value_loss"] = float(vloss.detach())
+                    lm["value_clip_frac"] = value_clip_fraction(
+                        values, scored.old_values[rows], returns[rows], mask[rows],
+                        knobs.value.value_clip)
                 micro_metrics.append(lm)
             step_metrics = _combine_micro_metrics(micro_metrics)
             all_reduce_gradients(run.params)  # data-parallel: summed = the full-batch gradient
@@ -452,6 +457,7 @@ _METRIC_NAMES = {
     "clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high",
     "clip_frac_dual": "clip/frac_dual", "ratio_mean": "ratio/mean", "ratio_min": "ratio/min",
     "ratio_max": "ratio/max", "kl_mean": "kl/loss_estimate_mean", "entropy_mean": "entropy/mean",
+    "value_clip_frac": "value/clip_frac",
 }
 
 

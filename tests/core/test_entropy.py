@@ -39,3 +39,16 @@ def test_matches_minus_sum_p_log_p(logits):
     p = torch.softmax(z, 0)
     expected = -(p * torch.log_softmax(z, 0)).sum().item()
     assert entropy_from_logits(z).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_entropy_from_logprobs_equals_entropy_from_logits_with_masked_entries():
+    import torch
+
+    from psirl.core.entropy import entropy_from_logits, entropy_from_logprobs
+
+    z = torch.tensor([[0.0, 1.0, -2.0, float("-inf")], [3.0, 3.0, 3.0, 3.0]], requires_grad=True)
+    h = entropy_from_logprobs(torch.log_softmax(z, dim=-1))
+    assert torch.allclose(h, entropy_from_logits(z))
+    assert abs(float(h[1]) - math.log(4)) < 1e-6  # uniform over 4: log 4
+    h.sum().backward()
+    assert torch.isfinite(z.grad).all()
