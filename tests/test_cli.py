@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
@@ -101,3 +102,14 @@ def test_eval_reports_accuracy_of_a_saved_model(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     assert out == {"task": "addition", "n": 8, "greedy": True, "accuracy": 0.0}
+
+
+def test_compare_accepts_key_value_overrides_after_the_config(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = invoke("compare", str(root / "examples" / "grpo.yaml"), "max_steps=1", "device=cpu",
+                    "eval.every=0", "model.tiny.hidden_size=32", "model.tiny.num_layers=1",
+                    "model.tiny.intermediate_size=64", "optim.batch_size=2",
+                    "--presets", "grpo,rloo", "--output-dir", str(tmp_path / "cmp"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cmp" / "grpo" / "final" / "config.json").exists()
+    assert (tmp_path / "cmp" / "rloo" / "final" / "config.json").exists()

@@ -36,6 +36,7 @@ def run_config(config, *, resume: bool = False, quiet: bool = False, overwrite: 
 
     if config.loop not in LOOPS:
         raise ValueError(f"loop: {config.loop!r} is not available; known loops: {sorted(LOOPS)}")
+    _refuse_world_size(config)
     if overwrite and resume:
         raise ValueError("overwrite and resume contradict each other; choose one")
     module_name, fn_name = LOOPS[config.loop].split(":")
@@ -53,3 +54,21 @@ def run_config(config, *, resume: bool = False, quiet: bool = False, overwrite: 
         if overwrite:
             overwrite_run_dir(run_dir)
         return fn(config, resume=resume, quiet=quiet, **kwargs)
+
+
+def _refuse_world_size(config) -> None:
+    """Several torchrun processes with a loop that runs as one process only: one clear error
+    before anything is built (online DPO, the reward model and self-training sample or score
+    in one process)."""
+    import os
+
+    from psirl.train.config import ConfigError
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = config.loop in ("sft", "online") or (config.loop == "preference"
+                                                    and not config.preference.online)
+    if world_size > 1 and not parallel:
+        what = "online preference" if config.loop == "preference" else config.loop
+        raise ConfigError([f"loop: {what!r} runs as one process; launched with torchrun as "
+                           f"{world_size} processes. Run it with `psirl train` alone (data-parallel "
+                           f"loops: sft, online, offline preference)"])

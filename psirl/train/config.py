@@ -587,9 +587,9 @@ class DistributedConfig(_Section):
 
 
 class SFTConfig(_Section):
-    """SFT: pack several examples into one sequence of `max_seq_len` tokens, or pad each."""
+    """SFT: examples longer than `max_seq_len` tokens (prompt + completion) are an error.
+    (Each example is padded; repeated prompts run once through prefix sharing.)"""
 
-    packing: bool = False
     max_seq_len: int = Field(512, gt=0)
 
 
@@ -735,6 +735,9 @@ class TrainConfig(_Section):
                 "reward.kind: 'task' uses the built-in task's reward, but data.task is not set; "
                 "set data.task or choose another reward.kind"
             )
+        if self.loop == "reward_model" and self.model.lora is not None:
+            raise ValueError("model.lora: the reward_model loop trains the full model (a new "
+                             "scalar head on every layer's output); remove model.lora")
         if self.loop == "online" and self.algorithm.preset is None:
             raise ValueError("algorithm.preset: the online loop needs a preset (e.g. grpo)")
         if self.algorithm.preset is not None:
