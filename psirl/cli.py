@@ -9,7 +9,22 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="psirl: RL post-training for LMs.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="""psirl: RL post-training for LMs.
+
+Loops (`loop:` in the config), their methods and data (examples/*.yaml):
+
+online: algorithm.preset reinforce | reinforce_pp | rloo | ppo | grpo |
+dr_grpo | dapo | gspo | cispo; data {prompt}; multi-turn with env:
+
+preference: preference.loss dpo | ipo | kto | simpo | orpo; online and
+iterative DPO with preference.online; data {prompt, chosen, rejected}
+(KTO labelled: {prompt, completion, label})
+
+self_training: self_training.method star | rest | raft; data {prompt}
+
+reward_model: Bradley-Terry; data {prompt, chosen, rejected}
+
+sft: data {prompt, completion} or {messages}""")
 
 
 @app.callback()
