@@ -97,6 +97,7 @@ def train(
         return
     from psirl.data.errors import DataError
     from psirl.models.loading import CheckpointError
+    from psirl.track.metrics import SinkUnavailable
     from psirl.train.base import (
         EXIT_STOPPED,
         CheckpointDamaged,
@@ -109,7 +110,7 @@ def train(
         with _warnings_to_stderr():
             run_dir = run_config(cfg, resume=resume is not None, quiet=quiet, overwrite=overwrite)
     except (ConfigError, DataError, CheckpointError, FileExistsError, RunDirInUse,
-            CheckpointDamaged) as exc:
+            CheckpointDamaged, SinkUnavailable) as exc:
         # Bad input (config, data, model folder, a used or locked output_dir, no intact
         # checkpoint): one line, no traceback.
         _fail(str(exc))
@@ -291,15 +292,20 @@ def evaluate(
     out: Path | None = typer.Option(None, help="With --data: write per-prompt results (JSONL)."),
 ) -> None:
     """Accuracy of a saved model: a built-in task, or a prompt file with greedy pass@1 / pass@k."""
+    from psirl.data.errors import DataError
+    from psirl.models.loading import CheckpointError
+
     if data is None:
         from psirl.train.evaluation import evaluate_task_accuracy
 
-        acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy,
-                                     max_new_tokens=max_new_tokens)
+        try:
+            acc = evaluate_task_accuracy(model, task, n=n, greedy=greedy,
+                                         max_new_tokens=max_new_tokens)
+        except (DataError, CheckpointError, ValueError) as exc:  # one line, no traceback
+            _fail(str(exc))
+            return
         typer.echo(json.dumps({"task": task, "n": n, "greedy": greedy, "accuracy": acc}))
         return
-    from psirl.data.errors import DataError
-    from psirl.models.loading import CheckpointError
     from psirl.train.evaluation import evaluate_file
 
     details: list = []

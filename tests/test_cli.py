@@ -114,3 +114,14 @@ def test_compare_accepts_key_value_overrides_after_the_config(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "grpo" / "final" / "config.json").exists()
     assert (tmp_path / "cmp" / "rloo" / "final" / "config.json").exists()
+
+
+def test_eval_and_sink_failures_are_one_line_errors(tmp_path):
+    result = invoke("eval", str(tmp_path / "no-such-model"))
+    assert result.exit_code == 2
+    assert "model folder does not exist" in result.output and "Traceback" not in result.output
+    root = Path(__file__).resolve().parents[1]
+    result = invoke("train", str(root / "examples" / "sft.yaml"), "max_steps=1", "device=cpu",
+                    f"output_dir={tmp_path / 'run'}", "track.sinks=[jsonl,mlflow]")
+    assert result.exit_code == 2, result.output
+    assert "track.sinks: the 'mlflow' metrics sink needs" in result.output

@@ -42,7 +42,12 @@ RESERVED_KEYS = ("step", "time")
 VOLATILE_KEYS = ("time",)
 VOLATILE_PREFIXES = ("time/", "perf/")
 
-_MISSING = "the {sink!r} metrics sink needs the {package!r} package: pip install 'psirl[track]'"
+_MISSING = ("track.sinks: the {sink!r} metrics sink needs the {package!r} package: "
+            "pip install 'psirl[track]'")
+
+
+class SinkUnavailable(ImportError):
+    """A configured metrics sink whose package is not installed (one line in the CLI)."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -214,7 +219,7 @@ class _TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ImportError(_MISSING.format(sink="tensorboard", package="tensorboard")) from exc
+            raise SinkUnavailable(_MISSING.format(sink="tensorboard", package="tensorboard")) from exc
         # purge_step: events at steps >= purge_step left by the killed run are discarded.
         purge = None if resume_from_step is None else resume_from_step + 1
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
@@ -235,7 +240,7 @@ class _WandbSink:
         try:
             import wandb
         except ImportError as exc:
-            raise ImportError(_MISSING.format(sink="wandb", package="wandb")) from exc
+            raise SinkUnavailable(_MISSING.format(sink="wandb", package="wandb")) from exc
         run_id = _persistent_id(run_dir / "wandb_run_id")
         self.run = wandb.init(
             project=project,
@@ -260,7 +265,7 @@ class _MlflowSink:
         try:
             import mlflow
         except ImportError as exc:
-            raise ImportError(_MISSING.format(sink="mlflow", package="mlflow")) from exc
+            raise SinkUnavailable(_MISSING.format(sink="mlflow", package="mlflow")) from exc
         self.mlflow = mlflow
         id_file = run_dir / "mlflow_run_id"
         mlflow.set_experiment(project)
