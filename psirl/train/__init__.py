@@ -1,4 +1,13 @@
-"""Training loops. `run_config(config)` dispatches on `config.loop`; each loop is one module."""
+"""Training loops. `run_config(config)` dispatches on `config.loop`; each loop is one module.
+
+The loops (one module each, what `LOOPS` names): sft, online, preference, reward_model,
+self_training; their parts: sft_update (the SFT step the preference-free loops share),
+preference_data / preference_online (pairs from files or sampled), evaluation, rewards (the
+`reward:` section -> RewardFn), compare (several runs, one report).
+The run machinery every loop stands on: config (the pydantic config), setup (policy, data,
+rollout layer), base (run_loop: checkpoints, resume, locking, non-finite steps), precision (the
+bf16 recipe), distributed / fsdp / dcp (data-parallel and sharded training, sharded checkpoints).
+"""
 
 from __future__ import annotations
 
