@@ -152,9 +152,11 @@ def gold_reward(config, task):
 
 
 def _is_gold(section) -> bool:
+    """A verifier / code / format reward (or a weighted sum of only those) that can score without
+    a built-in task (`kind: task` needs data.task: without it, it is no gold metric)."""
     if section.kind == "weighted":
         return all(_is_gold(c.reward) for c in section.components)
-    return section.kind in GOLD_KINDS
+    return section.kind in GOLD_KINDS and section.kind != "task"
 
 
 def evaluator_from_config(config, model, tokenizer, task, *, engine=None,

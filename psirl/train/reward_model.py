@@ -111,8 +111,6 @@ def build_reward_model(config, run_dir: Path) -> LoopSpec:
     from psirl.train.setup import build_task, policy_path
     from psirl.train.sft import epoch_batch_indices
 
-    if config.model.lora is not None:
-        raise ValueError("model.lora: the reward_model loop trains the full model; remove model.lora")
     model, tokenizer = load_reward_backbone(policy_path(config, run_dir),
                                             resolve_device(config.device), config.dtype)
     model.train()

@@ -88,10 +88,7 @@ def test_reward_model_on_task_pairs_runs(tmp_path, tiny_path):
 
 
 def test_reward_model_rejects_lora(tmp_path, tiny_path):
-    from psirl.train.reward_model import build_reward_model
-
-    cfg = config_from_dict({
-        "loop": "reward_model", "output_dir": str(tmp_path / "run"), "device": "cpu",
-        "model": {"path": tiny_path, "lora": {"r": 2}}, "data": {"task": "addition"}})
-    with pytest.raises(ValueError, match="model.lora"):
-        build_reward_model(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="model.lora"):  # at config load, before any model
+        config_from_dict({
+            "loop": "reward_model", "output_dir": str(tmp_path / "run"), "device": "cpu",
+            "model": {"path": tiny_path, "lora": {"r": 2}}, "data": {"task": "addition"}})
