@@ -181,3 +181,68 @@ def test_top_p_and_top_k_are_refused(engine):
 
 def test_runs_in_process():
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_grpo_with_the_vllm_engine_raises_the_reward(tmp_path, monkeypatch):
+    """`rollout.engine: vllm` end to end: the reward "completion starts with 1" climbs from ~1/13
+    in 30 GRPO steps, with every rollout sampled by vLLM and the weights pushed after each update.
+
+    online.py still builds HFEngine directly; until it calls ``build_engine`` the test routes that
+    construction to ``build_engine`` (remove the routing once the loop is wired)."""
+    from psirl.rollout import build as rollout_build
+    from psirl.rollout import hf_engine, vllm_engine
+    from psirl.track.metrics import read_metrics
+    from psirl.train import run_config
+    from psirl.train.config import config_from_dict
+
+    folder = make_tiny_model(
+        tmp_path / "tiny",
+        hidden_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=64,
+        alphabet="0123456789+=\n",
+        seed=0,
+    )
+    config = config_from_dict(
+        {
+            "loop": "online",
+            "output_dir": str(tmp_path / "run"),
+            "seed": 0,
+            "max_steps": 30,
+            "device": "cpu",
+            "model": {"path": str(folder)},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 200},
+            "algorithm": {
+                "preset": "grpo",
+                "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3}},
+            },
+            "reward": {"kind": "format", "pattern": "^1"},
+            "optim": {"lr": 3e-3, "batch_size": 8},
+            "eval": {"every": 0},
+            "checkpoint": {"every": 0},
+            "rollout": {
+                "engine": "vllm",
+                "vllm": {"max_model_len": 64, "kv_cache_memory_bytes": 1 << 24},
+            },
+        }
+    )
+    synced = []
+    real_sync = vllm_engine.VLLMEngine.sync
+
+    def counting_sync(self, model):
+        synced.append(self)
+        real_sync(self, model)
+
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "sync", counting_sync)
+
+    def routed(model, tokenizer, *args, **kwargs):  # dead once the loop calls build_engine
+        return rollout_build.build_engine(config, model, tokenizer)
+
+    monkeypatch.setattr(hf_engine, "HFEngine", routed)
+    run_dir = run_config(config, quiet=True)
+    curve = [r["reward/mean"] for r in read_metrics(run_dir)]
+    assert len(synced) == 30 and all(isinstance(e, VLLMEngine) for e in synced)
+    start, end = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert end > start + 0.3, curve
