@@ -56,3 +56,23 @@ def test_mismatch_metrics_worked_example():
     k3 = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-1.0) - 1 + 1.0)) / 2
     assert m["mismatch/kl_k3"] == pytest.approx(k3)
     assert m["tis/truncated_frac"] == pytest.approx(0.5)  # only the +0.5 token exceeds log 1.5
+
+
+def test_policy_loss_weights_each_token_term():
+    # on-policy ratio 1, no clip, token mean over 2 tokens: l_t = -A_t, weighted by w_t
+    # loss = -(0.5 * 1 + 2 * 2) / 2 = -2.25; d loss / d logp_t = -w_t A_t / 2
+    from psirl.core.objective import policy_loss
+
+    logp = torch.zeros(1, 2, requires_grad=True)
+    knobs = PolicyLossKnobs(ratio="on_policy", clip="none")
+    advantages, mask, weights = (
+        torch.tensor([[1.0, 2.0]]),
+        torch.ones(1, 2),
+        torch.tensor([[0.5, 2.0]]),
+    )
+    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, knobs, 2.0, is_weights=weights)
+    assert loss.item() == pytest.approx(-2.25)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.tensor([[-0.25, -2.0]]))
+    plain, _ = policy_loss(logp, logp.detach(), advantages, mask, knobs, 2.0)
+    assert plain.item() == pytest.approx(-1.5)
