@@ -102,6 +102,8 @@ class VLLMEngine:
         self._adds_bos = _tokenizer_adds_bos(tokenizer)
         self.max_model_len = max_model_len
         self.version = 0
+        self._model = model  # pushed again at the first generate (see generate)
+        self._pushed = False
         # vLLM reads the tokenizer files lazily; the folder lives as long as the engine.
         self._snapshot = tempfile.TemporaryDirectory(prefix="psirl-vllm-")
         write_snapshot(model, tokenizer, Path(self._snapshot.name), self.dtype)
@@ -128,6 +130,10 @@ class VLLMEngine:
 
     def sync(self, model: nn.Module) -> None:
         """Load ``model``'s current weights into the engine and drop its prefix cache."""
+        self._push(model)
+        self.version += 1
+
+    def _push(self, model: nn.Module) -> None:
         weights = [
             (name, t.detach().to(self.dtype)) for name, t in merged_state_dict(model).items()
         ]
@@ -136,7 +142,8 @@ class VLLMEngine:
             kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
         )
         self.llm.reset_prefix_cache()
-        self.version += 1
+        self._model = model
+        self._pushed = True
 
     def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch:
         """``params.n`` completions per prompt; row ``i * n + j`` is sample j of prompt i.
@@ -149,6 +156,10 @@ class VLLMEngine:
 
         if not prompts:
             raise ValueError("prompts: empty list")
+        if not self._pushed:
+            # The loop may load a checkpoint into the model after building the engine (resume):
+            # the first generate pushes the model's weights as they are now.
+            self._push(self._model)
         if params.top_p < 1.0 or params.top_k > 0:
             raise ValueError(
                 f"SamplingParams.top_p={params.top_p}, top_k={params.top_k}: the vLLM engine "

@@ -183,17 +183,41 @@ def test_runs_in_process():
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
-def test_grpo_with_the_vllm_engine_raises_the_reward(tmp_path, monkeypatch):
-    """`rollout.engine: vllm` end to end: the reward "completion starts with 1" climbs from ~1/13
-    in 30 GRPO steps, with every rollout sampled by vLLM and the weights pushed after each update.
+def grpo_config(folder, out, max_steps, checkpoint_every=0):
+    from psirl.train.config import config_from_dict
 
-    online.py still builds HFEngine directly; until it calls ``build_engine`` the test routes that
-    construction to ``build_engine`` (remove the routing once the loop is wired)."""
+    return config_from_dict(
+        {
+            "loop": "online",
+            "output_dir": str(out),
+            "seed": 0,
+            "max_steps": max_steps,
+            "device": "cpu",
+            "model": {"path": str(folder)},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 200},
+            "algorithm": {
+                "preset": "grpo",
+                "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3}},
+            },
+            "reward": {"kind": "format", "pattern": "^1"},
+            "optim": {"lr": 3e-3, "batch_size": 8},
+            "eval": {"every": 0},
+            "checkpoint": {"every": checkpoint_every},
+            "rollout": {
+                "engine": "vllm",
+                "vllm": {"max_model_len": 64, "kv_cache_memory_bytes": 1 << 24},
+            },
+        }
+    )
+
+
+@pytest.fixture
+def vllm_loop(tmp_path, monkeypatch):
+    """(model folder, list of the VLLMEngine syncs) with the online loop sampling through
+    ``build_engine``. online.py still builds HFEngine directly; until it calls ``build_engine``
+    that construction is routed to ``build_engine`` (remove the routing once the loop is wired)."""
     from psirl.rollout import build as rollout_build
     from psirl.rollout import hf_engine, vllm_engine
-    from psirl.track.metrics import read_metrics
-    from psirl.train import run_config
-    from psirl.train.config import config_from_dict
 
     folder = make_tiny_model(
         tmp_path / "tiny",
@@ -205,29 +229,12 @@ def test_grpo_with_the_vllm_engine_raises_the_reward(tmp_path, monkeypatch):
         alphabet="0123456789+=\n",
         seed=0,
     )
-    config = config_from_dict(
-        {
-            "loop": "online",
-            "output_dir": str(tmp_path / "run"),
-            "seed": 0,
-            "max_steps": 30,
-            "device": "cpu",
-            "model": {"path": str(folder)},
-            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 200},
-            "algorithm": {
-                "preset": "grpo",
-                "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3}},
-            },
-            "reward": {"kind": "format", "pattern": "^1"},
-            "optim": {"lr": 3e-3, "batch_size": 8},
-            "eval": {"every": 0},
-            "checkpoint": {"every": 0},
-            "rollout": {
-                "engine": "vllm",
-                "vllm": {"max_model_len": 64, "kv_cache_memory_bytes": 1 << 24},
-            },
-        }
-    )
+    vllm_only = grpo_config(folder, tmp_path / "unused", 1)  # its rollout section
+
+    def routed(model, tokenizer, *args, **kwargs):
+        return rollout_build.build_engine(vllm_only, model, tokenizer)
+
+    monkeypatch.setattr(hf_engine, "HFEngine", routed)
     synced = []
     real_sync = vllm_engine.VLLMEngine.sync
 
@@ -236,13 +243,40 @@ def test_grpo_with_the_vllm_engine_raises_the_reward(tmp_path, monkeypatch):
         real_sync(self, model)
 
     monkeypatch.setattr(vllm_engine.VLLMEngine, "sync", counting_sync)
+    return folder, synced
 
-    def routed(model, tokenizer, *args, **kwargs):  # dead once the loop calls build_engine
-        return rollout_build.build_engine(config, model, tokenizer)
 
-    monkeypatch.setattr(hf_engine, "HFEngine", routed)
-    run_dir = run_config(config, quiet=True)
+def test_grpo_with_the_vllm_engine_raises_the_reward(tmp_path, vllm_loop):
+    """`rollout.engine: vllm` end to end: the reward "completion starts with 1" climbs from ~1/13
+    in 30 GRPO steps, every rollout sampled by vLLM and the weights pushed after each update."""
+    from psirl.track.metrics import read_metrics
+    from psirl.train import run_config
+
+    folder, synced = vllm_loop
+    run_dir = run_config(grpo_config(folder, tmp_path / "run", 30), quiet=True)
     curve = [r["reward/mean"] for r in read_metrics(run_dir)]
-    assert len(synced) == 30 and all(isinstance(e, VLLMEngine) for e in synced)
+    assert len(synced) == 30
     start, end = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert end > start + 0.3, curve
+
+
+def test_resume_with_the_vllm_engine_matches_the_uninterrupted_run(tmp_path, vllm_loop):
+    """Stop after step 2 of 4 and resume: the resumed engine starts from the checkpoint's
+    weights and the same per-step seeds, so metrics and weights equal the uninterrupted run's
+    bit for bit."""
+    from safetensors.torch import load_file
+
+    from psirl.track.metrics import metrics_differences
+    from psirl.train import run_config
+    from psirl.train.config import load_run_config
+
+    folder, synced = vllm_loop
+    full = run_config(grpo_config(folder, tmp_path / "full", 4, checkpoint_every=1), quiet=True)
+    part = tmp_path / "part"
+    run_config(grpo_config(folder, part, 2, checkpoint_every=1), quiet=True)
+    resumed = run_config(load_run_config(part, ["max_steps=4"]), resume=True, quiet=True)
+    assert len(synced) == 8
+    assert metrics_differences(full, resumed) == []
+    a = load_file(str(next((full / "final").glob("*.safetensors"))))
+    b = load_file(str(next((resumed / "final").glob("*.safetensors"))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
