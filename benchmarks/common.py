@@ -449,11 +449,12 @@ IDLE = {"max_busy": 0.25, "timeout": 300.0}  # set by run.py's --idle-* options
 
 
 def run_worker(script: str, args: list[str], timeout: float = 3600,
-               extra_env: dict[str, str] | None = None) -> dict:
-    """Run benchmarks/<script> in a fresh interpreter; it writes its result JSON to --out."""
+               extra_env: dict[str, str] | None = None, python: str | None = None) -> dict:
+    """Run benchmarks/<script> in a fresh interpreter (``python``, default this one: the vLLM
+    rows use .venv-vllm's); it writes its result JSON to --out."""
     out = CACHE / f"result-{script.removesuffix('.py')}-{os.getpid()}-{time.monotonic_ns()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    cmd = [python or sys.executable, str(HERE / script), *args, "--out", str(out)]
     idle = wait_for_idle_cpu(IDLE["max_busy"], IDLE["timeout"])
     load_before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",

@@ -12,6 +12,9 @@ Sections (pick with --sections, comma-separated; default: all):
            + generation tokens/s, peak GPU memory and % of the measured bf16 matmul peak
            (benchmarks/gpu_bench.py; `bash benchmarks/gpu_check.sh OUT` also runs tests/gpu).
            Skipped (and recorded as skipped) when CUDA is absent.
+  vllm     psirl's GRPO step with rollout.engine vllm vs hf (tiny and 32k shapes), both in
+           .venv-vllm (`make .venv-vllm/.installed`), plus engine start, sync and generation
+           alone. Skipped (and recorded as skipped) when .venv-vllm is absent.
 
     .venv/bin/python benchmarks/run.py                       # everything, ~15-20 min on 2 cores
     .venv/bin/python benchmarks/run.py --sections grpo --steps 15
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-SECTIONS = ("grpo", "learn", "logprob", "vocab", "gpu")
+SECTIONS = ("grpo", "learn", "logprob", "vocab", "gpu", "vllm")
 LIBS = {"trl": "trl_grpo.py", "psirl": "psirl_grpo.py"}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -237,6 +240,84 @@ def gpu_section(libs: list[str], steps: int | None) -> dict:
     return json.loads(path.read_text())
 
 
+VLLM_PYTHON = C.ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_SHAPES = ("tiny", "vocab32k")
+
+
+def vllm_section(repeats: int = 1, steps: int | None = None, gen_only: tuple[str, ...] = ()) -> dict:
+    """psirl + vLLM vs psirl + HF per shape, each engine in its own .venv-vllm interpreter,
+    `repeats` alternating rounds, the median round kept (as grpo_section). Shapes named in
+    `gen_only` measure the engines alone (start, generation, sync), without the GRPO run."""
+    if not VLLM_PYTHON.exists():
+        return {"skipped": f"{VLLM_PYTHON} is absent (build it: make .venv-vllm/.installed)"}
+    from transformers import AutoConfig
+
+    out: dict = {}
+    for name in VLLM_SHAPES:
+        shape = C.SHAPES[name]
+        ckpt = C.prepare_checkpoint(shape)
+        model_cfg = AutoConfig.from_pretrained(ckpt)
+        runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
+        for round_ in range(repeats):
+            for engine in runs:
+                log(f"vllm[{name}] psirl+{engine} (round {round_ + 1}/{repeats}) ...")
+                extra = ["--steps", str(steps)] if steps is not None else []
+                extra += ["--gen-only"] if name in gen_only else []
+                raw = C.run_worker("psirl_vllm.py", ["--engine", engine, "--shape", name,
+                                                     "--ckpt", str(ckpt), *extra],
+                                   python=str(VLLM_PYTHON))
+                if name in gen_only and "error" not in raw:
+                    runs[engine].append({"raw": raw, "gen_only": True})
+                    log(f"vllm[{name}] psirl+{engine}: generation "
+                        f"{raw['generation']['tokens_per_s']:.0f} tokens/s")
+                    continue
+                summary = summarise_grpo(raw, model_cfg)
+                runs[engine].append(summary)
+                log(f"vllm[{name}] psirl+{engine}: " + (raw.get("error") or
+                    f"{summary['median_step_s']:.3f} s/step"))
+        out[name] = {}
+        for engine, rs in runs.items():
+            if name in gen_only:
+                gens = sorted((r for r in rs if r.get("gen_only")),
+                              key=lambda r: r["raw"]["generation"]["tokens_per_s"])
+                out[name][engine] = gens[len(gens) // 2] if gens else rs[-1]
+                continue
+            ok = sorted((r for r in rs if "median_step_s" in r), key=lambda r: r["median_step_s"])
+            out[name][engine] = ok[len(ok) // 2] if ok else rs[-1]
+            if ok:
+                out[name][engine]["round_medians"] = [r["median_step_s"] for r in ok]
+    return out
+
+
+def vllm_table(section: dict) -> list[str]:
+    lines = ["#### 7. psirl + vLLM vs psirl + HF (rollout.engine), both in .venv-vllm", ""]
+    if "skipped" in section:
+        return lines + [f"Skipped: {section['skipped']}", ""]
+    lines += ["| shape | engine | median s/step | generate s | score s | learn s | "
+              "generation alone tokens/s | engine start s | sync s | peak RSS MB | mean reward |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_engine in section.items():
+        for engine, s in by_engine.items():
+            if s.get("gen_only"):
+                gen = s["raw"]["generation"]
+                lines.append(
+                    f"| {name} | psirl+{engine} | (not run) | | | | {gen['tokens_per_s']:.0f} | "
+                    f"{gen['engine_start_s']:.1f} | {gen['sync_s']:.3f} | | |")
+                continue
+            if "median_step_s" not in s:
+                lines.append(f"| {name} | psirl+{engine} | error: {s.get('error')} |"
+                             " | | | | | | | |")
+                continue
+            ph, gen = s.get("phase_median_s", {}), s["raw"].get("generation", {})
+            lines.append(
+                f"| {name} | psirl+{engine} | {s['median_step_s']:.3f} | "
+                f"{_fmt(ph.get('generate_s'))} | {_fmt(ph.get('score_s'))} | "
+                f"{_fmt(ph.get('learn_s'))} | {_fmt(gen.get('tokens_per_s'), 0)} | "
+                f"{_fmt(gen.get('engine_start_s'), 1)} | {_fmt(gen.get('sync_s'))} | "
+                f"{s['peak_rss_mb']:.0f} | {s['mean_reward']:.3f} |")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -324,6 +405,8 @@ def render(results: dict) -> str:
     if "vocab" in results:
         lines += grpo_table(results["vocab"], "6. GRPO step, 32k vocabulary, 128-token completions (random model)",
                             results["matmul_gflops"])
+    if "vllm" in results:
+        lines += vllm_table(results["vllm"])
     if "learn" in results:
         le = results["learn"]
         lines += ["#### 2. Learning efficiency (same SFT checkpoint, held-out greedy accuracy)", "",
@@ -402,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5,
                     help="GRPO rounds per library (alternating); the median round is kept")
     ap.add_argument("--vocab-repeats", type=int, default=1, help="rounds for the 32k-vocabulary shape")
+    ap.add_argument("--vllm-repeats", type=int, default=1, help="rounds per engine, section vllm")
+    ap.add_argument("--vllm-gen-only", default="",
+                    help="section vllm: shapes measured by generation alone (e.g. vocab32k)")
     ap.add_argument("--learn-target", default="auto",
                     help="held-out greedy accuracy to reach; 'auto' = SFT checkpoint's + --learn-gain")
     ap.add_argument("--learn-gain", type=float, default=0.06)
@@ -460,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
                                                  args.logprob_tokens)
         elif section == "gpu":
             results["gpu"] = gpu_section(libs, args.steps)
+        elif section == "vllm":
+            results["vllm"] = vllm_section(args.vllm_repeats, args.steps,
+                                           tuple(x for x in args.vllm_gen_only.split(",") if x))
         Path(args.out).write_text(json.dumps(results, indent=2))
     results["checkpoints"] = {name: C.checkpoint_info(shape) for name, shape in C.SHAPES.items()
                               if C.checkpoint_info(shape)}

@@ -27,6 +27,7 @@ from psirl.core.advantages import ADVANTAGE_ESTIMATORS
 from psirl.core.aggregate import AGGREGATION_MODES
 from psirl.core.clip import CLIP_RULES
 from psirl.core.kl import KL_ESTIMATORS
+from psirl.core.offpolicy import TIS_LEVELS
 from psirl.core.ratio import RATIO_LEVELS
 
 __all__ = [
@@ -146,6 +147,9 @@ class PolicyLossKnobs:
     kl_estimator: "k1" | "k2" | "k3"; kl_placement: "none" | "reward_token" |
         "reward_sequence" | "loss"; kl_coef: beta >= 0 (must be 0 when placement is "none").
     entropy_coef: >= 0, weight of the entropy bonus in the loss.
+    tis_cap: truncated importance sampling for the engine-trainer mismatch (core/offpolicy.py):
+        each token's policy-gradient term is weighted by min(pi_trainer / mu_engine, tis_cap);
+        None = off. tis_level: "token" | "sequence" (ratio of the whole completion).
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (Lever 2), 001 (KL placements).
     """
 
@@ -160,6 +164,8 @@ class PolicyLossKnobs:
     kl_placement: str = "none"
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    tis_cap: float | None = None
+    tis_level: str = "token"
 
     def __post_init__(self) -> None:
         _choice(self, "ratio", RATIO_LEVELS)
@@ -173,6 +179,8 @@ class PolicyLossKnobs:
         _choice(self, "kl_placement", KL_PLACEMENTS)
         _float(self, "kl_coef", lo=0.0)
         _float(self, "entropy_coef", lo=0.0)
+        _float(self, "tis_cap", lo=0.0, lo_open=True, optional=True)
+        _choice(self, "tis_level", TIS_LEVELS)
         if self.clip == "symmetric" and self.eps_low != self.eps_high:
             raise ValueError(
                 f"PolicyLossKnobs.eps_high ({self.eps_high}) must equal eps_low ({self.eps_low}) "

@@ -40,6 +40,7 @@ def policy_loss(
     *,
     entropy: Tensor | None = None,
     kl_coef: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Compose the per-token surrogate and aggregate it into one micro-batch's loss.
 
@@ -60,6 +61,9 @@ def policy_loss(
     ref_logp: [B, T] reference log-probs, required when the KL is in the loss with beta > 0;
     entropy: [B, T] per-token entropy (differentiable), used for the bonus and the metric;
     kl_coef: overrides knobs.kl_coef (e.g. the adaptive controller's current beta).
+    is_weights: [B, T] detached per-token weights of l_t (truncated importance sampling for the
+    engine-trainer mismatch, ``core.offpolicy.truncated_is_weights``); KL and entropy terms are
+    not weighted. None: weight 1.
 
     Returns (loss 0-d tensor, metrics): loss, pg_loss, kl_loss, entropy_loss, clip_frac_low,
     clip_frac_high, clip_frac_dual, ratio_mean, ratio_min, ratio_max (masked, this micro-batch),
@@ -86,6 +90,8 @@ def policy_loss(
         dual_clip_c=float(_knob(knobs, "dual_clip_c", 3.0)),
         log_ratio=log_ratio,
     )
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     pg_loss = aggregate_loss(per_token, m, mode, normaliser)
     loss = pg_loss
     # Metric tensors are gathered and moved to the host once (one device sync, not a dozen).

@@ -499,7 +499,9 @@ class VLLMConfig(_Section):
     """Settings of the vLLM engine (`rollout.engine: vllm`, extra `psirl[vllm]`).
 
     in_process: run the engine in the trainer's process (weight sync is a direct load, no copy
-    through shared memory); false starts vLLM's own engine process.
+    through shared memory; vLLM then owns torch's CPU thread setting for the whole process).
+    false (vLLM's own engine process) is refused by the engine for now: across processes the
+    weights would travel as nested lists.
     kv_cache_memory_bytes: KV-cache budget in bytes (CPU builds, or an exact budget on GPU);
     None leaves it to `gpu_memory_utilization` (GPU only).
     gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache).
