@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     import torch
 
-    from psirl.rollout import build as rollout_build
-    from psirl.rollout import hf_engine, vllm_engine  # noqa: F401  (before HFEngine is routed)
+    from psirl.rollout import vllm_engine  # noqa: F401  (imported before the run starts)
     from psirl.train.config import RolloutConfig, VLLMConfig
     from psirl.train.online import train
 
@@ -63,16 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     config = config.model_copy(
         update={"rollout": RolloutConfig(engine=args.engine, vllm=vllm_settings)}
     )
-    # online.py builds HFEngine directly until it calls build_engine; route that construction so
-    # `rollout.engine` decides (a no-op once the loop is wired).
-    real_hf_engine = hf_engine.HFEngine
-
-    def routed(model, tokenizer, *a, **kw):
-        if config.rollout.engine == "hf":
-            return real_hf_engine(model, tokenizer, *a, **kw)
-        return rollout_build.build_engine(config, model, tokenizer)
-
-    hf_engine.HFEngine = routed
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.ckpt)
@@ -98,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     t_train = time.perf_counter()
     train(config, quiet=True)
     t_end = time.perf_counter()
-    hf_engine.HFEngine = real_hf_engine
     rows = [r for r in read_metrics(run_dir) if "time/step_s" in r]
     result = {
         "lib": f"psirl+{args.engine}",

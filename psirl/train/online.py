@@ -25,6 +25,7 @@ from psirl.core.filters import dynamic_sampling_keep, zero_signal_groups
 from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from psirl.core.masking import masked_mean
 from psirl.core.objective import policy_loss
+from psirl.core.offpolicy import mismatch_metrics, truncated_is_weights
 from psirl.core.score import Scores, score_rollouts
 from psirl.core.value import clipped_value_loss, explained_variance, value_clip_fraction
 from psirl.models.logprobs import token_logprobs
@@ -110,13 +111,15 @@ class Collected:
 @dataclass
 class Scored:
     """The score stage's output, every tensor [B, T] on the policy's device (values: None
-    without a critic; ref_logp: None without a reference; beta: this step's KL coefficient)."""
+    without a critic; ref_logp: None without a reference; beta: this step's KL coefficient;
+    is_weights: min(pi_trainer / pi_engine, C) per token or sequence when loss.tis_cap is set)."""
 
     old_logp: torch.Tensor
     ref_logp: torch.Tensor | None
     old_values: torch.Tensor | None
     scores: Scores
     beta: float
+    is_weights: torch.Tensor | None = None  # truncated IS weights (engine-trainer mismatch)
 
 
 def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
@@ -277,13 +280,28 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
 
 def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, float]]:
     """Reference log-probs, critic values, KL in the reward and advantages (core.score) of a
-    batch already on the policy's device. One update on fresh samples: the engine's behaviour
-    log-probs are the old log-probs."""
+    batch already on the policy's device.
+
+    Old log-probs: with the HF engine (the trainer's own module) the engine's behaviour
+    log-probs are the trainer's. Another engine (vLLM) computes them with other kernels, so the
+    trainer's own log-probs of the sampled tokens are the old log-probs (the ratio starts at 1),
+    the mismatch is measured, and with loss.tis_cap the policy gradient is reweighted by the
+    truncated ratio trainer / engine (core/offpolicy.py).
+    """
     knobs, batch = run.knobs, rollouts.batch
     mask = batch.completion_mask
     metrics: dict[str, float] = {}
+    is_weights = None
     with torch.no_grad():
         old_logp = batch.behaviour_logprobs
+        if run.config.rollout.engine != "hf":
+            engine_logp = old_logp
+            old_logp = forward_logprobs(run.model, batch, knobs)[0]
+            metrics.update(mismatch_metrics(old_logp, engine_logp, mask, knobs.loss.tis_cap,
+                                            knobs.loss.tis_level))
+            if knobs.loss.tis_cap is not None:
+                is_weights = truncated_is_weights(old_logp, engine_logp, mask,
+                                                  knobs.loss.tis_cap, knobs.loss.tis_level)
         ref_logp = forward_logprobs(run.ref_model, batch, knobs)[0] if run.ref_model is not None else None
         beta = run.kl_ctl.value
         if ref_logp is not None:
@@ -300,7 +318,7 @@ def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, f
             behaviour_logp=old_logp, ref_logp=ref_logp, values=old_values, kl_coef=beta,
             advantage_fn=functools.partial(global_advantages, knobs.advantage.estimator),
             turn_rewards=batch.token_rewards)
-    return Scored(old_logp, ref_logp, old_values, scores, beta), metrics
+    return Scored(old_logp, ref_logp, old_values, scores, beta, is_weights), metrics
 
 
 def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
@@ -331,6 +349,7 @@ def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
                     logp, scored.old_logp[rows], advantages[rows], mask[rows], loss_knobs, normaliser,
                     ref_logp=scored.ref_logp[rows] if scored.ref_logp is not None else None,
                     entropy=entropy, kl_coef=scored.beta,
+                    is_weights=scored.is_weights[rows] if scored.is_weights is not None else None,
                 )
                 loss.backward()
                 if run.value_model is not None:

@@ -556,6 +556,12 @@ def main(json_path: str | None = None, seed: int = 0) -> int:
     multiturn = multiturn_check(seed=seed, n_batches=DEFAULT_N_BATCHES)  # episodes with env turns
     console.print(format_multiturn_table(multiturn))
     failed += [] if multiturn["ok"] else ["multi-turn episodes"]
+    from psirl.verify.offpolicy import format_tis_table, tis_rows
+
+    tis = tis_rows(seed=seed)  # truncated IS against an engine-trainer mismatch (exact bias)
+    console.print(format_tis_table(tis))
+    failed += [f"TIS {k}" for k, ok in tis["checks"].items() if not ok]
+    result["tis"] = tis
     status = "all expectations hold" if not failed else "FAILED: " + "; ".join(failed)
     console.print(f"{status} ({result['seconds']:.1f} s)")
     if json_path is not None:

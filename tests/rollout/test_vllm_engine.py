@@ -213,11 +213,9 @@ def grpo_config(folder, out, max_steps, checkpoint_every=0):
 
 @pytest.fixture
 def vllm_loop(tmp_path, monkeypatch):
-    """(model folder, list of the VLLMEngine syncs) with the online loop sampling through
-    ``build_engine``. online.py still builds HFEngine directly; until it calls ``build_engine``
-    that construction is routed to ``build_engine`` (remove the routing once the loop is wired)."""
-    from psirl.rollout import build as rollout_build
-    from psirl.rollout import hf_engine, vllm_engine
+    """(model folder, list of the VLLMEngine syncs); the online loop builds its engine from
+    `rollout.engine` (psirl.rollout.build_engine through the rollout layer)."""
+    from psirl.rollout import vllm_engine
 
     folder = make_tiny_model(
         tmp_path / "tiny",
@@ -229,12 +227,6 @@ def vllm_loop(tmp_path, monkeypatch):
         alphabet="0123456789+=\n",
         seed=0,
     )
-    vllm_only = grpo_config(folder, tmp_path / "unused", 1)  # its rollout section
-
-    def routed(model, tokenizer, *args, **kwargs):
-        return rollout_build.build_engine(vllm_only, model, tokenizer)
-
-    monkeypatch.setattr(hf_engine, "HFEngine", routed)
     synced = []
     real_sync = vllm_engine.VLLMEngine.sync
 
@@ -280,3 +272,29 @@ def test_resume_with_the_vllm_engine_matches_the_uninterrupted_run(tmp_path, vll
     a = load_file(str(next((full / "final").glob("*.safetensors"))))
     b = load_file(str(next((resumed / "final").glob("*.safetensors"))))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_online_loop_measures_the_engine_trainer_mismatch_and_applies_tis(tmp_path, vllm_loop):
+    """With vLLM the trainer's own log-probs are the old log-probs (ratio 1 at the first update),
+    the engine's differ by kernel rounding only (mismatch/abs_mean small but logged), and
+    loss.tis_cap reweights the policy gradient: a cap below 1 truncates tokens, which changes
+    the update against an uncapped run from the same samples."""
+    import json
+
+    from psirl.train import run_config
+
+    folder, _ = vllm_loop
+
+    def run(out, cap):
+        cfg = grpo_config(folder, tmp_path / out, 1)
+        knobs = {"sampling": {"group_size": 4, "max_new_tokens": 3}, "loss": {"tis_cap": cap}}
+        cfg = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"knobs": knobs})})
+        run_dir = run_config(cfg, quiet=True)
+        return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+    loose, tight = run("loose", 10.0), run("tight", 0.5)
+    assert 0 < loose["mismatch/abs_mean"] < 1e-3
+    assert loose["ratio/max"] == pytest.approx(1.0, abs=1e-5)  # trainer log-probs are the old ones
+    assert loose["tis/truncated_frac"] == 0.0 and tight["tis/truncated_frac"] == 1.0
+    assert loose["reward/mean"] == tight["reward/mean"]  # same samples
+    assert loose["grad_norm"] != pytest.approx(tight["grad_norm"], rel=1e-3)

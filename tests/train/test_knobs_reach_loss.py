@@ -59,6 +59,10 @@ ALTERNATIVES = {
     ("value", "vf_coef"): ("ppo", {}, 2.0),
     ("value", "value_clip"): ("ppo", {}, 0.001),
 }
+# Knobs that act only with another engine than the trainer's own module (HF): there the ratio
+# trainer / engine is 1, so the knob has nothing to act on. Tested with vLLM instead:
+# tests/rollout/test_vllm_engine.py::test_the_online_loop_measures_the_engine_trainer_mismatch_and_applies_tis
+ENGINE_MISMATCH_ONLY = {("loss", "tis_cap"), ("loss", "tis_level")}
 WATCHED = ("loss/total", "loss/value", "kl/coef", "grad_norm", "reward/mean")
 
 
@@ -98,7 +102,7 @@ def _history(tiny_dir, tmp_path, preset: str, overrides: dict) -> list[dict[str,
 
 
 def test_alternatives_cover_every_knob_of_the_presets():
-    fields = _all_knob_fields()
+    fields = _all_knob_fields() - ENGINE_MISMATCH_ONLY
     assert fields == set(ALTERNATIVES), (
         f"knobs without a check: {sorted(fields - set(ALTERNATIVES))}; "
         f"checks of no knob: {sorted(set(ALTERNATIVES) - fields)}")
