@@ -746,6 +746,13 @@ class TrainConfig(_Section):
             knobs = _check_knobs(self.algorithm.preset, self.algorithm.knobs)
             if self.loop == "online" and knobs is not None:
                 _check_minibatches(knobs, self.optim.batch_size)
+            if (self.loop == "online" and knobs is not None and self.rollout.engine == "vllm"
+                    and (knobs.sampling.top_p < 1.0 or knobs.sampling.top_k > 0)):
+                # vLLM returns log-probs of the truncated, renormalised distribution; the loss
+                # needs them before truncation (psirl's convention), so the two would disagree.
+                raise ValueError("algorithm.knobs.sampling.top_p / top_k: rollout.engine: vllm "
+                                 "cannot return pre-truncation log-probs; use top_p: 1, top_k: 0 "
+                                 "or rollout.engine: hf")
         self._check_data_sizes()
         return self
 

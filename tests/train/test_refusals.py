@@ -37,3 +37,9 @@ def test_a_method_of_another_loop_points_to_that_loop():
         config_from_dict({**BASE, "loop": "online", "algorithm": {"preset": "kto"}})
     with pytest.raises(ConfigError, match="use loop: self_training with self_training.method: raft"):
         config_from_dict({**BASE, "loop": "raft"})
+
+
+def test_vllm_with_top_p_is_refused_at_load_time():
+    with pytest.raises(ConfigError, match="cannot return pre-truncation log-probs"):
+        config_from_dict({**BASE, "loop": "online", "rollout": {"engine": "vllm"},
+                          "algorithm": {"preset": "grpo", "knobs": {"sampling": {"top_k": 5}}}})
