@@ -287,8 +287,13 @@ def test_the_online_loop_measures_the_engine_trainer_mismatch_and_applies_tis(tm
 
     def run(out, cap):
         cfg = grpo_config(folder, tmp_path / out, 1)
-        knobs = {"sampling": {"group_size": 4, "max_new_tokens": 3}, "loss": {"tis_cap": cap}}
-        cfg = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"knobs": knobs})})
+        knobs = {"sampling": {"group_size": 4, "max_new_tokens": 3, "minibatches": 1},
+                 "loss": {"tis_cap": cap}}
+        from psirl.train.config import FormatRewardConfig
+
+        cfg = cfg.model_copy(update={  # a reward that varies within groups from the start
+            "algorithm": cfg.algorithm.model_copy(update={"knobs": knobs}),
+            "reward": FormatRewardConfig(pattern="^[0-5]")})
         run_dir = run_config(cfg, quiet=True)
         return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
 
