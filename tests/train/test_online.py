@@ -150,3 +150,26 @@ def test_reference_reset_and_adaptive_kl(tiny_dir, tmp_path):
     # KL (~0) is below the target: e = -1 clipped to -0.2; β shrinks by 1 - 0.2 * B / horizon.
     batch = 4 * 4
     assert records[0]["kl/coef"] == pytest.approx(beta0 * (1 - 0.2 * batch / 10))
+
+
+def test_resume_after_a_reference_reset_matches_uninterrupted(tiny_dir, tmp_path):
+    """kl_control.ref_reset_every: the reset reference is checkpointed (it is no longer the
+    initial policy), so a run stopped after a reset resumes exactly (issue: finding 8)."""
+    torch.set_num_threads(1)
+    algorithm = {"preset": "grpo", "knobs": {
+        "sampling": {"group_size": 4, "max_new_tokens": 3},
+        "loss": {"kl_placement": "loss", "kl_estimator": "k3", "kl_coef": 0.5},
+        "kl_control": {"ref_reset_every": 1}}}
+    reward = {"kind": "format", "pattern": "^[0-4]"}
+    full = run_config(online_config(tiny_dir, tmp_path / "full", "grpo", max_steps=4,
+                                    reward=reward, algorithm=algorithm), quiet=True)
+    part = tmp_path / "part"
+    run_config(online_config(tiny_dir, part, "grpo", max_steps=2, reward=reward,
+                             algorithm=algorithm), quiet=True)
+    assert list((part / "checkpoints").glob("*/reference*.safetensors"))
+    from psirl.train.config import load_run_config
+
+    resumed = run_config(load_run_config(part, ["max_steps=4"]), resume=True, quiet=True)
+    assert metrics_differences(full, resumed) == []
+    kls = [r["kl/mean"] for r in read_metrics(resumed)]
+    assert any(k != 0 for k in kls)  # the KL term is live, so a wrong reference would show
