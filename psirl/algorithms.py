@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.advantages import ESTIMATORS, WHITEN_MODES, estimator_names
 from psirl.core.aggregate import AGGREGATION_MODES
 from psirl.core.clip import CLIP_RULES
 from psirl.core.kl import KL_ESTIMATORS
@@ -47,8 +47,9 @@ __all__ = [
 ]
 
 KL_PLACEMENTS: tuple[str, ...] = ("none", "reward_token", "reward_sequence", "loss")
-# Estimators whose baseline needs several completions of the same prompt.
-GROUP_ESTIMATORS: tuple[str, ...] = ("group_mean", "group_mean_std", "leave_one_out")
+# Estimators whose baseline needs several completions of the same prompt (read from the
+# registry in core/advantages.py, the one place an estimator's properties live).
+GROUP_ESTIMATORS: tuple[str, ...] = estimator_names(scope="group")
 
 _REF_001 = "../shared/reference/001_dd55e9af3bef0bfc.txt (table of KL estimator placements)"
 
@@ -143,8 +144,13 @@ class PolicyLossKnobs:
     aggregation: "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "constant".
     constant_normaliser: C > 0 for "constant" (loss = sum / (N_seq * C)); None inside
         OnlineKnobs means sampling.max_new_tokens (Dr. GRPO's choice).
-    kl_estimator: "k1" | "k2" | "k3"; kl_placement: "none" | "reward_token" |
-        "reward_sequence" | "loss"; kl_coef: beta >= 0 (must be 0 when placement is "none").
+    kl_estimator: a key of core.kl.KL_ESTIMATORS -- "k1" | "k2" | "k3" | "abs" | "low_var_kl"
+        (k3 clamped at 10, verl) | "k1+" | "k3+" | "low_var_kl+" (value of k1/k3, gradient of
+        k2: verl's straight-through) | "k3_ratio" (k3 times the importance ratio, TRL's
+        use_bias_correction_kl); kl_placement: "none" | "reward_token" | "reward_sequence" |
+        "loss"; kl_coef: beta >= 0 (must be 0 when placement is "none");
+    kl_clamp: None (off, as the references write k3) or c > 0: the KL estimate is clamped to
+        [-c, c] (verl clamps k3 at 10; beyond it the gradient is 0).
     entropy_coef: >= 0, weight of the entropy bonus in the loss.
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (Lever 2), 001 (KL placements).
     """
@@ -159,6 +165,7 @@ class PolicyLossKnobs:
     kl_estimator: str = "k3"
     kl_placement: str = "none"
     kl_coef: float = 0.0
+    kl_clamp: float | None = None
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
@@ -172,6 +179,7 @@ class PolicyLossKnobs:
         _choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         _choice(self, "kl_placement", KL_PLACEMENTS)
         _float(self, "kl_coef", lo=0.0)
+        _float(self, "kl_clamp", lo=0.0, lo_open=True, optional=True)
         _float(self, "entropy_coef", lo=0.0)
         if self.clip == "symmetric" and self.eps_low != self.eps_high:
             raise ValueError(
@@ -202,12 +210,16 @@ class PolicyLossKnobs:
 
 @dataclass(frozen=True)
 class AdvantageKnobs:
-    """Which Psi_t: the advantage estimator (core/advantages.py) and its parameters.
+    """Which Psi_t: the advantage estimator (core/advantages.py), its parameters, whitening.
 
-    estimator: one of ADVANTAGE_ESTIMATORS ("none", "batch_mean", "batch_whiten",
-        "group_mean", "group_mean_std", "leave_one_out", "gae").
+    estimator: a key of core.advantages.ESTIMATORS (each entry carries its scope, std scaling
+        and what the references say of its bias; `psirl algorithms --json` lists them).
     gamma: discount in [0, 1] (1 for LMs: no hidden length preference, ref 002);
-    lam: GAE lambda in [0, 1]; eps: >= 0, added to the std in "group_mean_std"/"batch_whiten".
+    lam: GAE lambda in [0, 1]; eps: >= 0, added to the std of std-scaled estimators;
+    whiten: "none" | "batch" | "group" -- whitening applied after the estimator
+        (core.advantages.whiten_advantages: token-level masked mean / unbiased variance, verl's
+        masked_whiten); verl and OpenRLHF whiten PPO's GAE advantages and REINFORCE++'s
+        reward-to-go over the batch.
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (Lever 1).
     """
 
@@ -215,12 +227,14 @@ class AdvantageKnobs:
     gamma: float = 1.0
     lam: float = 1.0
     eps: float = 1e-6
+    whiten: str = "none"
 
     def __post_init__(self) -> None:
-        _choice(self, "estimator", tuple(ADVANTAGE_ESTIMATORS))
+        _choice(self, "estimator", tuple(ESTIMATORS))
         _float(self, "gamma", lo=0.0, hi=1.0)
         _float(self, "lam", lo=0.0, hi=1.0)
         _float(self, "eps", lo=0.0)
+        _choice(self, "whiten", WHITEN_MODES)
 
 
 @dataclass(frozen=True)
@@ -318,10 +332,12 @@ class OnlineKnobs:
                 raise ValueError(
                     f"OnlineKnobs.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
                 )
-        if self.advantage.estimator in GROUP_ESTIMATORS and self.sampling.group_size < 2:
+        spec = ESTIMATORS[self.advantage.estimator]
+        if self.sampling.group_size < spec.min_group_size:
             raise ValueError(
-                f"sampling.group_size must be >= 2 for advantage.estimator="
-                f"{self.advantage.estimator!r}, got {self.sampling.group_size}"
+                f"sampling.group_size must be >= {spec.min_group_size} for advantage.estimator="
+                f"{self.advantage.estimator!r} (scope {spec.scope!r}), got "
+                f"{self.sampling.group_size}"
             )
         if self.sampling.dynamic_sampling and self.sampling.group_size < 2:
             raise ValueError(
@@ -394,6 +410,20 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sampling": {"group_size": 1},
         },
     },
+    "reinforce_pp_baseline": {
+        "paper": "Hu 2025, REINFORCE++ (REINFORCE++-baseline, as verl and OpenRLHF compute it)",
+        "vs_grpo": "Subtracts the group mean (no group std), then whitens over the whole batch "
+        "instead of per group, has no ratio clip, and puts a token-level k1 KL in the reward.",
+        "knobs": {
+            # verl compute_reinforce_plus_plus_baseline_outcome_advantage: R - group mean, then
+            # masked_whiten over the batch. G = 4 and the KL (as reinforce_pp): psirl's choices.
+            "advantage": {"estimator": "group_mean", "gamma": 1.0, "lam": 1.0,
+                          "whiten": "batch"},
+            "loss": {"ratio": "on_policy", "clip": "none", "aggregation": "seq_mean_token_sum",
+                     "kl_estimator": "k1", "kl_placement": "reward_token", "kl_coef": 0.01},
+            "sampling": {"group_size": 4},
+        },
+    },
     "rloo": {
         "paper": "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization "
         "for Learning from Human Feedback in LLMs",
@@ -418,7 +448,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 0.2"); gamma = 1 for LMs (ref 002); lambda = 0.95 the common GAE setting.
             # Ref 001: drift KL subtracted from the reward; set kl_control.adaptive=true for
             # PPO-KLPEN's controller. beta = 0.05 is psirl's choice.
-            "advantage": {"estimator": "gae", "gamma": 1.0, "lam": 0.95},
+            # Whitening: verl and OpenRLHF whiten GAE advantages over the batch (token-level
+            # masked mean and unbiased variance); the references are silent, so the anchors'
+            # choice is the preset's (advantage.whiten=none gives raw GAE).
+            "advantage": {"estimator": "gae", "gamma": 1.0, "lam": 0.95, "whiten": "batch"},
             "loss": {"ratio": "token", "clip": "symmetric", "eps_low": 0.2, "eps_high": 0.2,
                      "aggregation": "token_mean", "kl_estimator": "k1",
                      "kl_placement": "reward_token", "kl_coef": 0.05},
@@ -588,22 +621,17 @@ def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Online
 # --------------------------------------------------------------------------------------------
 # The method matrix (ref 002), derived from the presets so it cannot drift from them.
 
-_BASELINE = {
-    "none": "none",
-    "batch_mean": "batch mean (critic-free)",
-    "batch_whiten": "batch mean / std (critic-free)",
-    "group_mean": "group mean, no std (critic-free)",
-    "group_mean_std": "group mean / std (critic-free)",
-    "leave_one_out": "leave-one-out group mean (critic-free)",
-    "gae": "learned value V_phi",
-}
-
 _LENGTH = {
     "token_mean": "token-mean over all responses",
     "seq_mean_token_mean": "per-response then per-group (length bias)",
     "seq_mean_token_sum": "token sum per response, mean over responses",
     "constant": "token sum / constant (max tokens)",
 }
+
+
+def _baseline(adv: AdvantageKnobs) -> str:
+    words = ESTIMATORS[adv.estimator].baseline
+    return words if adv.whiten == "none" else f"{words}, then {adv.whiten} whitening"
 
 
 def _ratio_clip(loss: PolicyLossKnobs, sampling: SamplingKnobs) -> str:
@@ -651,7 +679,7 @@ def method_matrix() -> list[dict[str, str]]:
         rows.append(
             {
                 "method": name,
-                "baseline": _BASELINE[k.advantage.estimator],
+                "baseline": _baseline(k.advantage),
                 "advantage_unit": unit,
                 "ratio_clip_unit": _ratio_clip(k.loss, k.sampling),
                 "length_handling": _LENGTH[k.loss.aggregation],

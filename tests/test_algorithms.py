@@ -121,7 +121,8 @@ def test_cross_field_checks_name_the_field():
 
 def test_preset_names_and_metadata():
     assert list(PRESETS) == [
-        "reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo",
+        "reinforce", "reinforce_pp", "reinforce_pp_baseline", "rloo", "ppo", "grpo", "dr_grpo",
+        "dapo", "gspo", "cispo",
     ]
     for name, preset in PRESETS.items():
         assert set(preset) == {"paper", "vs_grpo", "knobs"}, name
@@ -265,7 +266,7 @@ def test_method_matrix_rows():
     assert rows["reinforce"]["ratio_clip_unit"] == "none (on-policy)"
     assert rows["rloo"]["baseline"].startswith("leave-one-out")
     assert rows["rloo"]["length_handling"].startswith("token-mean")
-    assert rows["ppo"]["baseline"] == "learned value V_phi"
+    assert rows["ppo"]["baseline"] == "learned value V_phi, then batch whitening"
     assert rows["ppo"]["advantage_unit"].startswith("token (GAE")
     assert rows["grpo"]["baseline"].startswith("group mean / std")
     assert rows["grpo"]["length_handling"].startswith("per-response then per-group")

@@ -48,7 +48,8 @@ def policy_loss(
     L       = Agg(l) + beta * Agg(k_t) [if knobs.kl_placement == "loss"] - c_H * Agg(H_t)
 
     with Agg = aggregate_loss(., mask, knobs.aggregation, normaliser) and k_t =
-    kl_estimate(logp, ref_logp, knobs.kl_estimator) differentiated (KL in the loss). When the KL
+    kl_estimate(logp, ref_logp, knobs.kl_estimator, clamp=knobs.kl_clamp, log_ratio=log r_t)
+    differentiated (KL in the loss; the ratio only matters for "k3_ratio"). When the KL
     sits in the reward it has already shaped ``advantages`` and is not added here.
 
     logp: [B, T] float, current policy log-probs of the sampled tokens (requires grad);
@@ -94,7 +95,10 @@ def policy_loss(
     kl_tok = None
     if ref_logp is not None:
         ref = ref_logp.to(logp.dtype).detach()
-        kl_tok = kl_estimate(logp, ref, _knob(knobs, "kl_estimator", "k3"))
+        kl_tok = kl_estimate(
+            logp, ref, _knob(knobs, "kl_estimator", "k3"),
+            clamp=_knob(knobs, "kl_clamp", None), log_ratio=log_ratio,
+        )
         stats["kl_mean"] = masked_mean(kl_tok.detach(), m)
     kl_loss = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if placement == "loss" and beta != 0.0:

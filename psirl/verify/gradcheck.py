@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psirl import algorithms
+from psirl.core.advantages import ESTIMATORS
 from psirl.verify.exact import TabularProblem, exact_statewise_kl_gradient, make_problem
 from psirl.verify.sampled import (
     SampledBatches,
@@ -58,6 +59,7 @@ from psirl.verify.stats import bonferroni_alpha
 __all__ = [
     "ALPHA_FAMILY",
     "KL_SETTINGS",
+    "KL_VARIANT_CELLS",
     "KLSetting",
     "expected_verdict",
     "kl_placement_table",
@@ -73,7 +75,6 @@ __all__ = [
 ALPHA_FAMILY = 0.01
 HARNESS_GROUP_SIZE = 4
 DEFAULT_N_BATCHES = 4096
-STD_SCALED = frozenset({"group_mean_std", "batch_whiten"})
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,17 @@ KL_SETTINGS: tuple[KLSetting, ...] = (
 )
 
 
-def expected_verdict(estimator: str, kl: KLSetting) -> tuple[str, str]:
-    """(expected verdict "unbiased" | "biased", the reason with its reference) for a row."""
-    if estimator in STD_SCALED:
-        return "biased", "std-scaled advantage (002: GRPO std-norm is a bias)"
+def expected_verdict(estimator: str, kl: KLSetting, whiten: str = "none") -> tuple[str, str]:
+    """(expected verdict "unbiased" | "biased", the reason with its reference) for a row.
+
+    The estimator's part is read from core.advantages.ESTIMATORS (its ``unbiased`` flag and
+    ``bias`` note); whitening after the estimator divides by a random std: biased.
+    """
+    spec = ESTIMATORS[estimator]
+    if not spec.unbiased:
+        return "biased", spec.bias
+    if whiten != "none":
+        return "biased", f"{whiten} whitening divides by a random std (as std scaling, 002)"
     if kl.placement == "none":
         return "unbiased", "state-only baseline (000: zero-gradient property)"
     if kl.placement.startswith("reward"):
@@ -146,6 +154,23 @@ def _preset_kl_label(knobs: Any) -> str:
     return f"{loss.kl_estimator} {loss.kl_placement}"
 
 
+# The anchors' further KL estimators (core.kl.KL_ESTIMATORS), in the reward and in the loss, on
+# the same KL-only objective. The value decides the reward placement (k1+ is k1 there: unbiased;
+# k3+, low_var_kl, abs: biased); in the loss the straight-through "+" variants and TRL's
+# ratio-corrected k3 have the expected gradient of the per-state reverse KL (consistent_with
+# shows it), which misses the effect of a token on later states: biased for the sequence KL.
+KL_VARIANT_CELLS: dict[tuple[str, str], str] = {
+    ("k1+", "reward"): "unbiased",
+    ("k1+", "loss"): "biased",
+    ("k3+", "loss"): "biased",
+    ("low_var_kl", "reward"): "biased",
+    ("low_var_kl+", "loss"): "biased",
+    ("abs", "reward"): "biased",
+    ("abs", "loss"): "biased",
+    ("k3_ratio", "loss"): "biased",
+}
+
+
 def kl_placement_table(
     problem: TabularProblem, batches: SampledBatches, alpha: float
 ) -> list[dict[str, Any]]:
@@ -171,6 +196,7 @@ def kl_placement_table(
         ("k3", "reward"): "biased",
         ("k1", "loss"): "zero in expectation",
         ("k3", "loss"): "biased",
+        **KL_VARIANT_CELLS,
     }
     others = {
         "per-state reverse KL": -beta * exact_statewise_kl_gradient(problem, "reverse"),
@@ -336,7 +362,8 @@ def _run(
     names = tuple(algorithms.PRESETS) if presets is None else presets
     batches = sample_batches(problem, n_batches, group_size, seed)
     n_loss = sum(1 for k in KL_SETTINGS if k.placement == "loss")
-    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + 4 * 4 + len(AGGREGATION_CASES)
+    n_kl_cells = 4 + len(KL_VARIANT_CELLS)
+    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + n_kl_cells * 4 + len(AGGREGATION_CASES)
     alpha = bonferroni_alpha(ALPHA_FAMILY, n_tests)
 
     rows: list[dict[str, Any]] = []
@@ -353,7 +380,9 @@ def _run(
             for kl in KL_SETTINGS:
                 knobs = _quiet_knobs(preset, kl, problem.kl_coef, group_size)
                 stats, _ = estimate(problem, batches, knobs)
-                want, reason = expected_verdict(knobs.advantage.estimator, kl)
+                want, reason = expected_verdict(
+                    knobs.advantage.estimator, kl, knobs.advantage.whiten
+                )
                 verdict = "unbiased" if stats.agrees(alpha) else "biased"
                 rows.append(
                     {

@@ -59,7 +59,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    ESTIMATORS,
+    estimator_names,
+    whiten_advantages,
+)
 from psirl.core.aggregate import step_normaliser
 from psirl.core.kl import kl_in_reward
 from psirl.core.masking import place_on_last_token
@@ -80,6 +85,7 @@ __all__ = [
     "sample_batches",
     "harness_knobs",
     "baseline_scale",
+    "greedy_rewards",
     "aggregation_rescale",
     "build_token_rewards",
     "exact_critic",
@@ -90,8 +96,9 @@ __all__ = [
     "estimate",
 ]
 
-BATCH_LEVEL_ESTIMATORS = frozenset({"batch_mean", "batch_whiten"})
-"""Estimators whose baseline is a statistic of the whole batch (called once per batch)."""
+BATCH_LEVEL_ESTIMATORS = frozenset(estimator_names(global_statistics=True))
+"""Estimators with a statistic of the whole batch (called once per batch): read from
+core.advantages.ESTIMATORS (scope "batch", or a batch-wide factor such as GPG's alpha)."""
 
 REWARD_PLACEMENTS = frozenset({"reward_token", "reward_sequence"})
 
@@ -186,19 +193,39 @@ def harness_knobs(
     return out
 
 
-def baseline_scale(estimator: str, group_size: int, batch_size: int) -> float | None:
+def baseline_scale(
+    estimator: str, group_size: int, batch_size: int, whiten: str = "none"
+) -> float | None:
     """Known constant c with E[g] = c * grad J for an advantage estimator (module docstring).
 
-    "none", "leave_one_out", "gae": 1; "group_mean": 1 - 1/G; "batch_mean": 1 - 1/B;
-    "group_mean_std", "batch_whiten" (std scaling) and unknown names: None (no constant).
+    Read from core.advantages.ESTIMATORS[estimator].scale ("none", "leave_one_out", "gae",
+    "remax": 1; "group_mean": 1 - 1/G; "batch_mean": 1 - 1/B); None for estimators without a
+    known constant (std-scaled ones, GPG, OPO, pass@k), for unknown names, and whenever the
+    advantages are whitened afterwards (a random scale).
     """
-    if estimator in ("none", "leave_one_out", "gae"):
-        return 1.0
-    if estimator == "group_mean":
-        return 1.0 - 1.0 / group_size
-    if estimator == "batch_mean":
-        return 1.0 - 1.0 / batch_size
-    return None
+    spec = ESTIMATORS.get(estimator)
+    if spec is None or spec.scale is None or whiten != "none":
+        return None
+    return float(spec.scale(group_size, batch_size))
+
+
+def greedy_rewards(problem: TabularProblem, prompt_ids: Tensor) -> Tensor:
+    """R(x, y_greedy(x)) for each row's prompt: ReMax's baseline on the tabular policy.
+
+    y_greedy takes argmax_a theta[prefix, a] at every step (EOS ends it; the rest is padding).
+    prompt_ids: [N] long. Returns [N] float64.
+    """
+    pol = problem.policy
+    prompts = torch.arange(pol.n_prompts)
+    tokens = torch.zeros(pol.n_prompts, pol.horizon, dtype=torch.long)
+    ended = torch.zeros(pol.n_prompts, dtype=torch.bool)
+    for t in range(pol.horizon):
+        best = problem.theta[pol.prefix_ids(prompts, tokens)[:, t]].argmax(dim=-1)
+        if pol.eos_token is not None:
+            best = torch.where(ended, torch.full_like(best, pol.eos_token), best)
+            ended = ended | (best == pol.eos_token)
+        tokens[:, t] = best
+    return problem.reward_of(prompts, tokens)[prompt_ids]
 
 
 def aggregation_rescale(mode: str, normaliser: float, batch_size: int, horizon: int) -> float:
@@ -234,6 +261,7 @@ def build_token_rewards(
             coef=float(loss_knobs.kl_coef),
             estimator=loss_knobs.kl_estimator,
             placement=loss_knobs.kl_placement,
+            clamp=getattr(loss_knobs, "kl_clamp", None),
         )
     return token_rewards
 
@@ -276,23 +304,28 @@ def _advantages(
     token_rewards: Tensor,
     values: Tensor | None,
     adv_knobs: Any,
+    extra: dict[str, Tensor],
 ) -> Tensor:
+    """The estimator, then the whitening step (adv_knobs.whiten), one batch at a time where a
+    batch statistic is involved. extra: the estimator's further inputs, [M*B] per row."""
     kwargs = {
         "gamma": float(adv_knobs.gamma),
         "lam": float(adv_knobs.lam),
         "eps": float(getattr(adv_knobs, "eps", 1e-6)),
     }
-    if not batch_level:
-        adv, _ = fn(token_rewards, batches.mask, batches.group_ids, values, **kwargs)
+    whiten = getattr(adv_knobs, "whiten", "none")
+    if not batch_level and whiten == "none":
+        adv, _ = fn(token_rewards, batches.mask, batches.group_ids, values, **kwargs, **extra)
         return adv
     b = batches.batch_size
     out = torch.empty_like(token_rewards)
     for m in range(batches.n_batches):
         rows = slice(m * b, (m + 1) * b)
         v = None if values is None else values[rows]
-        out[rows], _ = fn(
-            token_rewards[rows], batches.mask[rows], batches.group_ids[rows], v, **kwargs
-        )
+        mask, ids = batches.mask[rows], batches.group_ids[rows]
+        adv, _ = fn(token_rewards[rows], mask, ids, v, **kwargs,
+                    **{k: x[rows] for k, x in extra.items()})
+        out[rows] = whiten_advantages(adv, mask, ids, whiten)
     return out
 
 
@@ -347,7 +380,13 @@ def per_batch_gradients(
         values = critic[pol.prefix_ids(batches.prompt_ids, batches.tokens)] * mask
     elif estimator == "gae" and advantage_fn is ADVANTAGE_ESTIMATORS.get("gae"):
         raise ValueError("estimator 'gae' needs a critic [n_prefixes] (see exact_critic)")
-    adv = _advantages(advantage_fn, batch_level, batches, token_rewards, values, knobs.advantage)
+    extra = {}
+    spec = ESTIMATORS.get(estimator)
+    if spec is not None and "baseline_rewards" in spec.inputs:
+        extra["baseline_rewards"] = greedy_rewards(problem, batches.prompt_ids)
+    adv = _advantages(
+        advantage_fn, batch_level, batches, token_rewards, values, knobs.advantage, extra
+    )
 
     mode = loss_knobs.aggregation
     constant = getattr(loss_knobs, "constant_normaliser", None)
@@ -577,7 +616,12 @@ def estimate(
     if isinstance(scale, str):
         if scale != "known":
             raise ValueError(f"scale must be 'known', a float or None, got {scale!r}")
-        scale = baseline_scale(knobs.advantage.estimator, batches.group_size, batches.batch_size)
+        scale = baseline_scale(
+            knobs.advantage.estimator,
+            batches.group_size,
+            batches.batch_size,
+            getattr(knobs.advantage, "whiten", "none"),
+        )
         if knobs.loss.aggregation == "seq_mean_token_mean" and not batches.fixed_length:
             scale = None
     targets = exact_targets(problem, knobs.loss)
