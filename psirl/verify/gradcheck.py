@@ -60,6 +60,8 @@ __all__ = [
     "ALPHA_FAMILY",
     "KL_SETTINGS",
     "KL_VARIANT_CELLS",
+    "ESTIMATOR_CASES",
+    "estimator_table",
     "KLSetting",
     "expected_verdict",
     "kl_placement_table",
@@ -248,6 +250,52 @@ def kl_placement_table(
     return rows
 
 
+# Estimators that are knob values rather than presets: (estimator, expected, why). pass@k
+# (grpo_passk) only moves the prefixes of each group's best sample, so most coordinates never
+# vary in M batches; its exact expectation (grad E[max of G]) is checked by enumerating every
+# G-tuple in tests/core/test_estimator_registry.py instead.
+ESTIMATOR_CASES: tuple[tuple[str, str, str], ...] = (
+    ("remax", "unbiased", "greedy baseline is state-only (ReMax): c = 1"),
+    ("opo", "unbiased", "fixed length: b = group mean, c = 1 - 1/G (OPO)"),
+    ("gpg", "unbiased", "no zero reward here: alpha = 1, GPG = Dr. GRPO, c = 1 - 1/G"),
+)
+# batch_whiten (batch mean / batch std) is biased in theory, but on this problem the bias is
+# below what 1024-4096 batches resolve (p ~ 1e-4 .. 0.02), so it has no row.
+
+
+def estimator_table(
+    problem: TabularProblem, batches: SampledBatches, alpha: float
+) -> list[dict[str, Any]]:
+    """Advantage estimators that no preset uses (ESTIMATOR_CASES), each with no KL.
+
+    RLOO's step (on-policy, token-mean) with advantage.estimator replaced; the known scale c
+    comes from the registry (core.advantages.ESTIMATORS[...].scale; OPO and GPG have none in
+    general, and get c = 1 - 1/G where this problem makes them Dr. GRPO: fixed length, no zero
+    reward). Returns one dict per case.
+    """
+    g = batches.group_size
+    rows = []
+    for name, want, why in ESTIMATOR_CASES:
+        preset = algorithms.resolve_preset("rloo", {"advantage.estimator": name})
+        knobs = _quiet_knobs(preset, KL_SETTINGS[0], 0.0, g)
+        scale: float | None | str = "known" if ESTIMATORS[name].unbiased else None
+        if name in ("opo", "gpg"):
+            scale = 1.0 - 1.0 / g
+        stats, _ = estimate(problem, batches, knobs, scale=scale)
+        verdict = "unbiased" if stats.agrees(alpha) else "biased"
+        rows.append(
+            {
+                "estimator": name,
+                "expected": want,
+                "reason": why,
+                "verdict": verdict,
+                "ok": verdict == want,
+                **stats.summary(),
+            }
+        )
+    return rows
+
+
 AGGREGATION_CASES: tuple[tuple[str, bool, str, str], ...] = (
     # (aggregation, variable length?, presets using it, expected verdict)
     ("seq_mean_token_mean", False, "grpo, gspo", "unbiased"),
@@ -363,7 +411,12 @@ def _run(
     batches = sample_batches(problem, n_batches, group_size, seed)
     n_loss = sum(1 for k in KL_SETTINGS if k.placement == "loss")
     n_kl_cells = 4 + len(KL_VARIANT_CELLS)
-    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + n_kl_cells * 4 + len(AGGREGATION_CASES)
+    n_tests = (
+        len(names) * (len(KL_SETTINGS) + n_loss)
+        + n_kl_cells * 4
+        + len(AGGREGATION_CASES)
+        + len(ESTIMATOR_CASES)
+    )
     alpha = bonferroni_alpha(ALPHA_FAMILY, n_tests)
 
     rows: list[dict[str, Any]] = []
@@ -402,6 +455,7 @@ def _run(
                     bar.advance(task)
         kl_table = kl_placement_table(problem, batches, alpha)
         agg_table = aggregation_table(seed, n_batches, group_size, alpha)
+        est_table = estimator_table(problem, batches, alpha)
         if bar is not None:
             bar.advance(task)
     finally:
@@ -425,12 +479,14 @@ def _run(
         "rows": rows,
         "kl_table": kl_table,
         "aggregation_table": agg_table,
+        "estimator_table": est_table,
         "variance_order": order,
     }
     result["ok"] = (
         all(r["ok"] for r in rows)
         and all(c["ok"] for c in kl_table)
         and all(a["ok"] for a in agg_table)
+        and all(e["ok"] for e in est_table)
         and bool(order["ok"])
     )
     result["seconds"] = time.perf_counter() - start

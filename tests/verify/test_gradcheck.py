@@ -34,6 +34,9 @@ def test_every_expectation_holds(result):
         assert "per-state reverse KL" in consistent[(est, "loss")], est
     assert "per-state forward KL(ref||pi)" in consistent[("k3", "loss")]
     assert result["variance_order"]["ok"]
+    assert [(e["estimator"], e["verdict"]) for e in result["estimator_table"]] == [
+        (name, want) for name, want, _ in gradcheck.ESTIMATOR_CASES
+    ]
     assert [a["verdict"] for a in result["aggregation_table"]] == [
         a[3] for a in gradcheck.AGGREGATION_CASES
     ]
