@@ -92,6 +92,11 @@ def pair_logps(model, prompts, chosen, rejected, pad_id: int):
     return sums[:m], sums[m:], lengths[:m], lengths[m:]
 
 
+# Losses with a label-smoothing form (cDPO for DPO, TRL's CPOTrainer for SimPO); the others
+# reject a non-zero preference.label_smoothing instead of ignoring it.
+LABEL_SMOOTHED = ("dpo", "simpo")
+
+
 def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     """Per-pair loss [m] of `pcfg.loss` and the (detached) rewards shown in the metrics.
 
@@ -100,13 +105,20 @@ def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     Returns (loss [m], chosen_reward [m], rejected_reward [m]).
     """
     name = pcfg.loss
+    if pcfg.label_smoothing > 0 and name not in LABEL_SMOOTHED:
+        raise ValueError(f"preference.label_smoothing: {pcfg.label_smoothing} is not defined for "
+                         f"loss {name!r} (only {', '.join(LABEL_SMOOTHED)}); set it to 0")
     if name == "dpo":
         loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta,
                         label_smoothing=pcfg.label_smoothing)
     elif name == "ipo":
-        loss = ipo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta)
+        # IPO's paper defines h on sequence log-probs (default); TRL averages per token.
+        lengths = (len_w, len_l) if getattr(pcfg, "length_normalize", False) else (None, None)
+        loss = ipo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta, chosen_lengths=lengths[0],
+                        rejected_lengths=lengths[1])
     elif name == "simpo":
-        loss = simpo_loss(pol_w, pol_l, len_w, len_l, beta=pcfg.beta, gamma=pcfg.gamma)
+        loss = simpo_loss(pol_w, pol_l, len_w, len_l, beta=pcfg.beta, gamma=pcfg.gamma,
+                          label_smoothing=pcfg.label_smoothing)
     elif name == "orpo":
         loss = orpo_loss(pol_w, pol_l, len_w, len_l, lam=pcfg.orpo_lambda)
     else:
@@ -274,6 +286,9 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     model.train()
     pad_id = tokenizer.pad_token_id
     task = build_task(config)
+    if pcfg.label_smoothing > 0 and pcfg.loss not in LABEL_SMOOTHED:
+        raise ValueError(f"preference.label_smoothing: {pcfg.label_smoothing} is not defined for "
+                         f"loss {pcfg.loss!r} (only {', '.join(LABEL_SMOOTHED)}); set it to 0")
     ref_model = None if pcfg.loss in REFERENCE_FREE else frozen_copy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)

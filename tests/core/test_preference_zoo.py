@@ -149,3 +149,23 @@ def test_likelihood_displacement_flags_falling_chosen_with_growing_margin():
     out = likelihood_displacement(t(-3.0), t(-3.5), t(-5.0), t(-7.0))
     assert out == {"chosen_logp_change": -0.5, "margin_change": 1.5, "displaced": 1.0}
     assert likelihood_displacement(t(-3.0), t(-2.5), t(-5.0), t(-7.0))["displaced"] == 0.0
+
+
+def test_preference_loop_rejects_label_smoothing_where_undefined_and_uses_it_for_simpo():
+    from types import SimpleNamespace
+
+    from psirl.train.preference import pair_loss
+
+    lw, ll = t(2.0), t(4.0)
+    for name in ("ipo", "orpo"):
+        cfg = SimpleNamespace(loss=name, beta=BETA, label_smoothing=0.1, gamma=0.5, orpo_lambda=0.1)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            pair_loss(cfg, t(PW), t(PL), t(RW), t(RL), lw, ll)
+    cfg = SimpleNamespace(loss="simpo", beta=2.0, label_smoothing=0.2, gamma=0.5)
+    loss, _, _ = pair_loss(cfg, t(PW), t(PL), None, None, lw, ll)
+    z = 2.0 * (PW / 2 - PL / 4) - 0.5
+    assert float(loss[0]) == pytest.approx(-0.8 * lsig(z) - 0.2 * lsig(-z), rel=1e-12)
+    ipo = SimpleNamespace(loss="ipo", beta=BETA, label_smoothing=0.0, length_normalize=True)
+    loss, _, _ = pair_loss(ipo, t(PW), t(PL), t(RW), t(RL), lw, ll)
+    h_avg = (PW / 2 - RW / 2) - (PL / 4 - RL / 4)
+    assert float(loss[0]) == pytest.approx((h_avg - 1 / (2 * BETA)) ** 2, rel=1e-12)
