@@ -137,7 +137,12 @@ class PolicyLossKnobs:
     """How the step is controlled: ratio level, clip rule, aggregation, KL, entropy bonus.
 
     ratio: "on_policy" | "token" | "sequence" (GSPO)          (core/ratio.py)
-    clip: "none" | "symmetric" | "asymmetric" | "dual" | "cispo" (core/clip.py)
+    clip: "none" | "symmetric" | "asymmetric" | "dual" | "cispo" | "sapo" | "gmpo" |
+        "clip_cov" | "kl_cov" (core/clip.py)
+    sapo_tau_pos, sapo_tau_neg: > 0, SAPO's gate temperatures for A > 0 / A < 0 (TRL: 1, 1.05);
+    cov_ratio: fraction of tokens Clip-Cov cuts / KL-Cov penalises (verl: 2e-4); clip_cov_lb <
+        clip_cov_ub: Clip-Cov's covariance band (1, 5); kl_cov_coef >= 0: KL-Cov's |log r| weight.
+    For "gmpo" eps_low / eps_high are widths of log r (GMPO: 0.4).
     eps_low, eps_high: clip widths, band [1 - eps_low, 1 + eps_high]; eps_low in [0, 1]
         (1 = no lower bound, as CISPO uses), eps_high >= 0; "symmetric" needs them equal.
     dual_clip_c: > 1, the dual-clip floor c * A for negative advantages.
@@ -167,6 +172,12 @@ class PolicyLossKnobs:
     kl_coef: float = 0.0
     kl_clamp: float | None = None
     entropy_coef: float = 0.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
 
     def __post_init__(self) -> None:
         _choice(self, "ratio", RATIO_LEVELS)
@@ -181,6 +192,17 @@ class PolicyLossKnobs:
         _float(self, "kl_coef", lo=0.0)
         _float(self, "kl_clamp", lo=0.0, lo_open=True, optional=True)
         _float(self, "entropy_coef", lo=0.0)
+        _float(self, "sapo_tau_pos", lo=0.0, lo_open=True)
+        _float(self, "sapo_tau_neg", lo=0.0, lo_open=True)
+        _float(self, "cov_ratio", lo=0.0, hi=1.0)
+        _float(self, "clip_cov_lb", lo=None)
+        _float(self, "clip_cov_ub", lo=None)
+        _float(self, "kl_cov_coef", lo=0.0)
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(
+                f"PolicyLossKnobs.clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub "
+                f"({self.clip_cov_ub})"
+            )
         if self.clip == "symmetric" and self.eps_low != self.eps_high:
             raise ValueError(
                 f"PolicyLossKnobs.eps_high ({self.eps_high}) must equal eps_low ({self.eps_low}) "
@@ -642,6 +664,10 @@ def _ratio_clip(loss: PolicyLossKnobs, sampling: SamplingKnobs) -> str:
         "asymmetric": f", clip-higher eps_low={loss.eps_low:g} eps_high={loss.eps_high:g}",
         "dual": f", dual clip eps={loss.eps_low:g}/{loss.eps_high:g} c={loss.dual_clip_c:g}",
         "cispo": f", clips the IS weight (stop-grad) at 1+{loss.eps_high:g}",
+        "sapo": f", soft sigmoid gate tau={loss.sapo_tau_pos:g}/{loss.sapo_tau_neg:g}",
+        "gmpo": f", geometric mean, log-ratio clip {loss.eps_low:g}/{loss.eps_high:g}",
+        "clip_cov": f", clip eps={loss.eps_low:g}/{loss.eps_high:g} + clip-cov",
+        "kl_cov": ", KL-Cov penalty",
     }[loss.clip]
     extra = " + dynamic sampling" if sampling.dynamic_sampling else ""
     return unit + clip + extra

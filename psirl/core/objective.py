@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from psirl.core.aggregate import aggregate_loss
-from psirl.core.clip import CLIP_RULES
+from psirl.core.clip import CLIP_RULES, RULE_INPUTS
 from psirl.core.kl import kl_estimate
 from psirl.core.masking import masked_mean
 from psirl.core.ratio import importance_log_ratio
@@ -79,6 +79,14 @@ def policy_loss(
     m = mask.to(logp.dtype)
     log_ratio = importance_log_ratio(logp, old_logp, m, _knob(knobs, "ratio", "token"))
     ratio = torch.exp(log_ratio)
+    available = {"mask": m, "logp": logp}
+    # Rule-specific inputs: the batch's mask / log-probs, and knob values (the rule's own
+    # defaults when the knobs object does not carry them).
+    extra = {
+        name: available[name] if name in available else float(getattr(knobs, name))
+        for name in RULE_INPUTS.get(clip_rule, ())
+        if name in available or hasattr(knobs, name)
+    }
     per_token, clip_masks = CLIP_RULES[clip_rule](
         ratio,
         advantages.detach().to(logp.dtype),
@@ -86,6 +94,7 @@ def policy_loss(
         eps_high=float(_knob(knobs, "eps_high", 0.2)),
         dual_clip_c=float(_knob(knobs, "dual_clip_c", 3.0)),
         log_ratio=log_ratio,
+        **extra,
     )
     pg_loss = aggregate_loss(per_token, m, mode, normaliser)
     loss = pg_loss

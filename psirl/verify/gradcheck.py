@@ -61,6 +61,8 @@ __all__ = [
     "KL_SETTINGS",
     "KL_VARIANT_CELLS",
     "ESTIMATOR_CASES",
+    "LOSS_CASES",
+    "loss_table",
     "estimator_table",
     "KLSetting",
     "expected_verdict",
@@ -296,6 +298,38 @@ def estimator_table(
     return rows
 
 
+# Policy-loss rules that are knob values rather than presets: (clip rule, aggregation,
+# expected, why), on RLOO advantages (unbiased, c = 1), no KL, the on-policy step (r = 1).
+LOSS_CASES: tuple[tuple[str, str, str, str], ...] = (
+    ("sapo", "token_mean", "unbiased", "f'(1) = 1: at r = 1 SAPO is the policy gradient"),
+    ("gmpo", "seq_mean_token_mean", "unbiased",
+     "at r = 1 the geometric mean gives (1/|y|) sum_t grad log pi: fixed length, c = 1"),
+    ("kl_cov", "token_mean", "unbiased", "at r = 1 the |log r| penalty has zero gradient"),
+)
+
+
+def loss_table(
+    problem: TabularProblem, batches: SampledBatches, alpha: float
+) -> list[dict[str, Any]]:
+    """The further policy-loss rules (LOSS_CASES) at the on-policy point, as the preset rows.
+
+    Clip-Cov has no row: it cuts max(1, 2e-4 N) = 1 token of the B H = 24 per batch, a bias
+    (by design) too small for this harness to resolve either way. Returns one dict per case.
+    """
+    rows = []
+    for rule, aggregation, want, why in LOSS_CASES:
+        preset = algorithms.resolve_preset(
+            "rloo", {"loss.ratio": "token", "loss.clip": rule, "loss.aggregation": aggregation,
+                     "loss.eps_low": 0.2, "loss.eps_high": 0.2}
+        )
+        knobs = _quiet_knobs(preset, KL_SETTINGS[0], 0.0, batches.group_size)
+        stats, _ = estimate(problem, batches, knobs)
+        verdict = "unbiased" if stats.agrees(alpha) else "biased"
+        rows.append({"clip": rule, "aggregation": aggregation, "expected": want, "reason": why,
+                     "verdict": verdict, "ok": verdict == want, **stats.summary()})
+    return rows
+
+
 AGGREGATION_CASES: tuple[tuple[str, bool, str, str], ...] = (
     # (aggregation, variable length?, presets using it, expected verdict)
     ("seq_mean_token_mean", False, "grpo, gspo", "unbiased"),
@@ -416,6 +450,7 @@ def _run(
         + n_kl_cells * 4
         + len(AGGREGATION_CASES)
         + len(ESTIMATOR_CASES)
+        + len(LOSS_CASES)
     )
     alpha = bonferroni_alpha(ALPHA_FAMILY, n_tests)
 
@@ -456,6 +491,7 @@ def _run(
         kl_table = kl_placement_table(problem, batches, alpha)
         agg_table = aggregation_table(seed, n_batches, group_size, alpha)
         est_table = estimator_table(problem, batches, alpha)
+        rule_table = loss_table(problem, batches, alpha)
         if bar is not None:
             bar.advance(task)
     finally:
@@ -480,6 +516,7 @@ def _run(
         "kl_table": kl_table,
         "aggregation_table": agg_table,
         "estimator_table": est_table,
+        "loss_table": rule_table,
         "variance_order": order,
     }
     result["ok"] = (
@@ -487,6 +524,7 @@ def _run(
         and all(c["ok"] for c in kl_table)
         and all(a["ok"] for a in agg_table)
         and all(e["ok"] for e in est_table)
+        and all(e["ok"] for e in rule_table)
         and bool(order["ok"])
     )
     result["seconds"] = time.perf_counter() - start

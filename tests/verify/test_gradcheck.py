@@ -37,6 +37,9 @@ def test_every_expectation_holds(result):
     assert [(e["estimator"], e["verdict"]) for e in result["estimator_table"]] == [
         (name, want) for name, want, _ in gradcheck.ESTIMATOR_CASES
     ]
+    assert [(e["clip"], e["verdict"]) for e in result["loss_table"]] == [
+        (rule, want) for rule, _, want, _ in gradcheck.LOSS_CASES
+    ]
     assert [a["verdict"] for a in result["aggregation_table"]] == [
         a[3] for a in gradcheck.AGGREGATION_CASES
     ]
