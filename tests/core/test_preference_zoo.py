@@ -169,3 +169,30 @@ def test_preference_loop_rejects_label_smoothing_where_undefined_and_uses_it_for
     loss, _, _ = pair_loss(ipo, t(PW), t(PL), t(RW), t(RL), lw, ll)
     h_avg = (PW / 2 - RW / 2) - (PL / 4 - RL / 4)
     assert float(loss[0]) == pytest.approx((h_avg - 1 / (2 * BETA)) ** 2, rel=1e-12)
+
+
+def test_dpo_provokes_likelihood_displacement_on_a_shared_feature_policy():
+    """Three responses with one shared feature phi = [1 (chosen), 2 (rejected), 0 (other)] and
+    log pi(y) = theta phi(y) - logsumexp(theta phi). DPO's gradient on the margin is
+    phi_w - phi_l = -1, so theta falls; d log pi(y_w) / d theta = 1 - E[phi] > 0 once theta < 0,
+    so the chosen log-prob falls while the margin grows (Razin et al. 2024; reference 003)."""
+    phi = torch.tensor([1.0, 2.0, 0.0], dtype=D)
+    theta = torch.zeros(1, dtype=D, requires_grad=True)
+    ref = torch.log_softmax(phi * 0.0, dim=0).detach()
+
+    def logps():
+        return torch.log_softmax(theta * phi, dim=0)
+
+    before = logps().detach()
+    opt = torch.optim.SGD([theta], lr=5.0)
+    for _ in range(20):
+        lp = logps()
+        loss = dpo_loss(lp[:1], lp[1:2], ref[:1], ref[1:2], beta=0.1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = logps().detach()
+    shift = likelihood_displacement(before[:1], after[:1], before[1:2], after[1:2])
+    assert shift["margin_change"] > 0.5
+    assert shift["chosen_logp_change"] < -0.1
+    assert shift["displaced"] == 1.0
