@@ -47,6 +47,7 @@ __all__ = [
     "alphapo_loss",
     "reward_centering_penalty",
     "likelihood_displacement",
+    "PAPER_DEFAULTS",
 ]
 
 # The largest average log-prob ORPO's log-odds accept: log p = 0 (p = 1) has infinite odds.
@@ -613,3 +614,16 @@ def likelihood_displacement(
     dl = float((rejected_logps_after - rejected_logps_before).mean())
     return {"chosen_logp_change": dw, "margin_change": dw - dl,
             "displaced": float(dw - dl > 0 and dw < 0)}
+
+
+# The hyper-parameters each loss's paper uses (what `preference.beta` etc. should default to for
+# that loss); "source" says where the value comes from.
+PAPER_DEFAULTS: dict[str, dict[str, float | str]] = {
+    "dpo": {"beta": 0.1, "source": "Rafailov et al. 2023 (beta = 0.1 in most experiments)"},
+    "ipo": {"beta": 0.1, "source": "Azar et al. 2024 sweep tau; 0.1 is TRL's default"},
+    "kto": {"beta": 0.1, "source": "Ethayarajh et al. 2024 (beta = 0.1, lambda_D = lambda_U = 1)"},
+    "simpo": {"beta": 2.0, "gamma": 1.0,
+              "source": "Meng et al. 2024 (beta = 2.0, gamma / beta = 0.5: Llama-3-Base setting)"},
+    "orpo": {"orpo_lambda": 0.1, "source": "Hong et al. 2024 (lambda = 0.1)"},
+    "cpo": {"beta": 0.1, "nll_weight": 1.0, "source": "Xu et al. 2024; TRL CPOConfig"},
+}
