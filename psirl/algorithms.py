@@ -44,6 +44,7 @@ __all__ = [
     "knobs_from_dict",
     "knobs_to_dict",
     "method_matrix",
+    "knob_catalog",
 ]
 
 KL_PLACEMENTS: tuple[str, ...] = ("none", "reward_token", "reward_sequence", "loss")
@@ -714,3 +715,37 @@ def method_matrix() -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def knob_catalog() -> dict[str, Any]:
+    """Every value each choice knob accepts, with what psirl knows of it (for `psirl algorithms
+    --json` and the docs), read from the registries in core/ -- nothing is listed twice.
+
+    Keys: advantage_estimators {name: scope, std_scaled, unbiased, bias, baseline, inputs,
+    global_statistics}, whiten, kl_estimators, clip_rules, aggregation, ratio, kl_placements,
+    preference_losses {loop losses, dpo_loss_types, further functions}.
+    """
+    from psirl.core import preference
+
+    return {
+        "advantage_estimators": {
+            name: {"scope": s.scope, "std_scaled": s.std_scaled, "unbiased": s.unbiased,
+                   "bias": s.bias, "baseline": s.baseline, "inputs": list(s.inputs),
+                   "global_statistics": s.global_statistics}
+            for name, s in ESTIMATORS.items()
+        },
+        "whiten": list(WHITEN_MODES),
+        "kl_estimators": list(KL_ESTIMATORS),
+        "clip_rules": list(CLIP_RULES),
+        "aggregation": list(AGGREGATION_MODES),
+        "ratio": list(RATIO_LEVELS),
+        "kl_placements": list(KL_PLACEMENTS),
+        "preference_losses": {
+            "loop": ["dpo", "ipo", "kto", "simpo", "orpo"],
+            "dpo_loss_types": list(preference.DPO_LOSS_TYPES),
+            "f_divergences": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+            "functions": ["mixed_dpo_loss", "kto_apo_zero_unpaired_loss", "cpo_loss",
+                          "alphapo_loss", "reward_centering_penalty", "likelihood_displacement"],
+            "paper_defaults": preference.PAPER_DEFAULTS,
+        },
+    }
