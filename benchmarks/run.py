@@ -15,6 +15,9 @@ Sections (pick with --sections, comma-separated; default: all):
   vllm     psirl's GRPO step with rollout.engine vllm vs hf (tiny and 32k shapes), both in
            .venv-vllm (`make .venv-vllm/.installed`), plus engine start, sync and generation
            alone. Skipped (and recorded as skipped) when .venv-vllm is absent.
+  dpo      DPO step (psirl loop: preference vs trl.DPOTrainer): tiny Qwen2, the same pairs,
+           batch 32 pairs, length <= 24; the char vocabulary and a 32k vocabulary; rounds
+           alternate the libraries (--dpo-repeats), median s/step and peak RSS.
 
     .venv/bin/python benchmarks/run.py                       # everything, ~15-20 min on 2 cores
     .venv/bin/python benchmarks/run.py --sections grpo --steps 15
@@ -38,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-SECTIONS = ("grpo", "learn", "logprob", "vocab", "gpu", "vllm")
+SECTIONS = ("grpo", "learn", "logprob", "vocab", "gpu", "vllm", "dpo")
+DPO_LIBS = {"trl": "trl_dpo.py", "psirl": "psirl_dpo.py"}
+DPO_SHAPES = ("dpo-tiny", "dpo-vocab32k")
 LIBS = {"trl": "trl_grpo.py", "psirl": "psirl_grpo.py"}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -87,6 +92,53 @@ def grpo_section(shape: C.Shape, libs: list[str], steps: int | None, repeats: in
         typical["round_medians_s"] = [r["median_step_s"] for r in ok]
         out[lib] = typical
     return out
+
+
+def dpo_section(shape_name: str, libs: list[str], steps: int | None, repeats: int) -> dict:
+    """DPO on one shape: `repeats` rounds alternating the libraries; per library the round with
+    the median of the round medians is kept, every round's median listed. Returns {lib: summary}."""
+    runs: dict[str, list[dict]] = {lib: [] for lib in libs}
+    args = ["--shape", shape_name] + (["--steps", str(steps)] if steps is not None else [])
+    for round_ in range(repeats):
+        for lib in libs:
+            log(f"dpo[{shape_name}] {lib} (round {round_ + 1}/{repeats}) ...")
+            raw = C.run_worker(DPO_LIBS[lib], args)
+            runs[lib].append(raw)
+            log(f"dpo[{shape_name}] {lib}: " + (raw.get("error") or
+                f"{raw['median_step_s']:.3f} s/step, peak RSS {raw['peak_train_rss_mb']:.0f} MB, "
+                f"load {raw['loadavg_1min'][0]:.2f}->{raw['loadavg_1min'][1]:.2f}"))
+    out = {}
+    for lib, rs in runs.items():
+        ok = [r for r in rs if "median_step_s" in r]
+        if not ok:
+            out[lib] = rs[-1]
+            continue
+        typical = sorted(ok, key=lambda r: r["median_step_s"])[(len(ok) - 1) // 2]
+        typical["round_medians_s"] = [r["median_step_s"] for r in ok]
+        out[lib] = typical
+    return out
+
+
+def dpo_table(res: dict, title: str) -> list[str]:
+    lines = [f"#### {title}", "",
+             "| library | median s/step | steps/s | load avg (before->after) | RSS MB after imports | "
+             "peak RSS MB (training) | every round's median s/step |",
+             "|---|---|---|---|---|---|---|"]
+    for lib, s in res.items():
+        if "median_step_s" not in s:
+            lines.append(f"| {lib} | error: {s.get('error')} |")
+            continue
+        lines.append(
+            f"| {lib} | {s['median_step_s']:.3f} | {1 / s['median_step_s']:.2f} | "
+            f"{s['loadavg_1min'][0]:.2f}->{s['loadavg_1min'][1]:.2f} | "
+            f"{s['rss_after_imports_mb']:.0f} | {s['peak_train_rss_mb']:.0f} | "
+            + ", ".join(f"{x:.3f}" for x in s.get("round_medians_s", [])) + " |")
+    if all("median_step_s" in res.get(k, {}) for k in ("trl", "psirl")):
+        t, p = res["trl"], res["psirl"]
+        lines += ["", f"psirl steps/s / TRL steps/s: **{t['median_step_s'] / p['median_step_s']:.2f}x** "
+                  f"(target 1.5x); peak training RSS psirl / TRL: "
+                  f"**{p['peak_train_rss_mb'] / t['peak_train_rss_mb']:.2f}**."]
+    return lines + [""]
 
 
 def summarise_grpo(raw: dict, model_cfg) -> dict:
@@ -459,6 +511,10 @@ def render(results: dict) -> str:
             import gpu_bench
 
             lines += ["#### 5. GPU", "", gpu_bench.render(g), ""]
+    for name in DPO_SHAPES:
+        if f"dpo:{name}" in results:
+            lines += dpo_table(results[f"dpo:{name}"],
+                               f"7. DPO step ({name}): batch 32 pairs, length <= 24")
     return "\n".join(lines)
 
 
@@ -488,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vllm-repeats", type=int, default=1, help="rounds per engine, section vllm")
     ap.add_argument("--vllm-gen-only", default="",
                     help="section vllm: shapes measured by generation alone (e.g. vocab32k)")
+    ap.add_argument("--dpo-repeats", type=int, default=3, help="DPO rounds per library and shape")
+    ap.add_argument("--dpo-shapes", default=",".join(DPO_SHAPES))
     ap.add_argument("--learn-target", default="auto",
                     help="held-out greedy accuracy to reach; 'auto' = SFT checkpoint's + --learn-gain")
     ap.add_argument("--learn-gain", type=float, default=0.06)
@@ -530,7 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     results["matmul_gflops"] = max(results["matmul_gflops_runs"])
     log(f"fp32 matmul: {results['matmul_gflops']:.1f} GFLOP/s on {C.THREADS} threads")
     t0 = time.perf_counter()
-    C.prepare_checkpoint(C.SHAPES["tiny"])  # built once (SFT), before any timing
+    if set(sections) & {"grpo", "learn"}:
+        C.prepare_checkpoint(C.SHAPES["tiny"])  # built once (SFT), before any timing
     for section in sections:
         if section == "grpo":
             results["grpo"] = grpo_section(C.SHAPES["tiny"], libs, args.steps, args.repeats)
@@ -549,6 +608,9 @@ def main(argv: list[str] | None = None) -> None:
         elif section == "vllm":
             results["vllm"] = vllm_section(args.vllm_repeats, args.steps,
                                            tuple(x for x in args.vllm_gen_only.split(",") if x))
+        elif section == "dpo":
+            for name in [x for x in args.dpo_shapes.split(",") if x]:
+                results[f"dpo:{name}"] = dpo_section(name, libs, args.steps, args.dpo_repeats)
         Path(args.out).write_text(json.dumps(results, indent=2))
     results["checkpoints"] = {name: C.checkpoint_info(shape) for name, shape in C.SHAPES.items()
                               if C.checkpoint_info(shape)}

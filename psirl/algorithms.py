@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.advantages import ESTIMATORS, WHITEN_MODES, estimator_names
 from psirl.core.aggregate import AGGREGATION_MODES
 from psirl.core.clip import CLIP_RULES
 from psirl.core.kl import KL_ESTIMATORS
@@ -45,11 +45,13 @@ __all__ = [
     "knobs_from_dict",
     "knobs_to_dict",
     "method_matrix",
+    "knob_catalog",
 ]
 
 KL_PLACEMENTS: tuple[str, ...] = ("none", "reward_token", "reward_sequence", "loss")
-# Estimators whose baseline needs several completions of the same prompt.
-GROUP_ESTIMATORS: tuple[str, ...] = ("group_mean", "group_mean_std", "leave_one_out")
+# Estimators whose baseline needs several completions of the same prompt (read from the
+# registry in core/advantages.py, the one place an estimator's properties live).
+GROUP_ESTIMATORS: tuple[str, ...] = estimator_names(scope="group")
 
 _REF_001 = "../shared/reference/001_dd55e9af3bef0bfc.txt (table of KL estimator placements)"
 
@@ -137,15 +139,25 @@ class PolicyLossKnobs:
     """How the step is controlled: ratio level, clip rule, aggregation, KL, entropy bonus.
 
     ratio: "on_policy" | "token" | "sequence" (GSPO)          (core/ratio.py)
-    clip: "none" | "symmetric" | "asymmetric" | "dual" | "cispo" (core/clip.py)
+    clip: "none" | "symmetric" | "asymmetric" | "dual" | "cispo" | "sapo" | "gmpo" |
+        "clip_cov" | "kl_cov" (core/clip.py)
+    sapo_tau_pos, sapo_tau_neg: > 0, SAPO's gate temperatures for A > 0 / A < 0 (TRL: 1, 1.05);
+    cov_ratio: fraction of tokens Clip-Cov cuts / KL-Cov penalises (verl: 2e-4); clip_cov_lb <
+        clip_cov_ub: Clip-Cov's covariance band (1, 5); kl_cov_coef >= 0: KL-Cov's |log r| weight.
+    For "gmpo" eps_low / eps_high are widths of log r (GMPO: 0.4).
     eps_low, eps_high: clip widths, band [1 - eps_low, 1 + eps_high]; eps_low in [0, 1]
         (1 = no lower bound, as CISPO uses), eps_high >= 0; "symmetric" needs them equal.
     dual_clip_c: > 1, the dual-clip floor c * A for negative advantages.
     aggregation: "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "constant".
     constant_normaliser: C > 0 for "constant" (loss = sum / (N_seq * C)); None inside
         OnlineKnobs means sampling.max_new_tokens (Dr. GRPO's choice).
-    kl_estimator: "k1" | "k2" | "k3"; kl_placement: "none" | "reward_token" |
-        "reward_sequence" | "loss"; kl_coef: beta >= 0 (must be 0 when placement is "none").
+    kl_estimator: a key of core.kl.KL_ESTIMATORS -- "k1" | "k2" | "k3" | "abs" | "low_var_kl"
+        (k3 clamped at 10, verl) | "k1+" | "k3+" | "low_var_kl+" (value of k1/k3, gradient of
+        k2: verl's straight-through) | "k3_ratio" (k3 times the importance ratio, TRL's
+        use_bias_correction_kl); kl_placement: "none" | "reward_token" | "reward_sequence" |
+        "loss"; kl_coef: beta >= 0 (must be 0 when placement is "none");
+    kl_clamp: None (off, as the references write k3) or c > 0: the KL estimate is clamped to
+        [-c, c] (verl clamps k3 at 10; beyond it the gradient is 0).
     entropy_coef: >= 0, weight of the entropy bonus in the loss.
     tis_cap: truncated importance sampling for the engine-trainer mismatch (core/offpolicy.py):
         each token's policy-gradient term is weighted by min(pi_trainer / mu_engine, tis_cap);
@@ -163,9 +175,16 @@ class PolicyLossKnobs:
     kl_estimator: str = "k3"
     kl_placement: str = "none"
     kl_coef: float = 0.0
+    kl_clamp: float | None = None
     entropy_coef: float = 0.0
     tis_cap: float | None = None
     tis_level: str = "token"
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
 
     def __post_init__(self) -> None:
         _choice(self, "ratio", RATIO_LEVELS)
@@ -178,9 +197,21 @@ class PolicyLossKnobs:
         _choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         _choice(self, "kl_placement", KL_PLACEMENTS)
         _float(self, "kl_coef", lo=0.0)
+        _float(self, "kl_clamp", lo=0.0, lo_open=True, optional=True)
         _float(self, "entropy_coef", lo=0.0)
         _float(self, "tis_cap", lo=0.0, lo_open=True, optional=True)
         _choice(self, "tis_level", TIS_LEVELS)
+        _float(self, "sapo_tau_pos", lo=0.0, lo_open=True)
+        _float(self, "sapo_tau_neg", lo=0.0, lo_open=True)
+        _float(self, "cov_ratio", lo=0.0, hi=1.0)
+        _float(self, "clip_cov_lb", lo=None)
+        _float(self, "clip_cov_ub", lo=None)
+        _float(self, "kl_cov_coef", lo=0.0)
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(
+                f"PolicyLossKnobs.clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub "
+                f"({self.clip_cov_ub})"
+            )
         if self.clip == "symmetric" and self.eps_low != self.eps_high:
             raise ValueError(
                 f"PolicyLossKnobs.eps_high ({self.eps_high}) must equal eps_low ({self.eps_low}) "
@@ -210,12 +241,16 @@ class PolicyLossKnobs:
 
 @dataclass(frozen=True)
 class AdvantageKnobs:
-    """Which Psi_t: the advantage estimator (core/advantages.py) and its parameters.
+    """Which Psi_t: the advantage estimator (core/advantages.py), its parameters, whitening.
 
-    estimator: one of ADVANTAGE_ESTIMATORS ("none", "batch_mean", "batch_whiten",
-        "group_mean", "group_mean_std", "leave_one_out", "gae").
+    estimator: a key of core.advantages.ESTIMATORS (each entry carries its scope, std scaling
+        and what the references say of its bias; `psirl algorithms --json` lists them).
     gamma: discount in [0, 1] (1 for LMs: no hidden length preference, ref 002);
-    lam: GAE lambda in [0, 1]; eps: >= 0, added to the std in "group_mean_std"/"batch_whiten".
+    lam: GAE lambda in [0, 1]; eps: >= 0, added to the std of std-scaled estimators;
+    whiten: "none" | "batch" | "group" -- whitening applied after the estimator
+        (core.advantages.whiten_advantages: token-level masked mean / unbiased variance, verl's
+        masked_whiten); verl and OpenRLHF whiten PPO's GAE advantages and REINFORCE++'s
+        reward-to-go over the batch.
     Reference: ../shared/reference/002_51bc6b7a5ef2c181.txt (Lever 1).
     """
 
@@ -223,12 +258,14 @@ class AdvantageKnobs:
     gamma: float = 1.0
     lam: float = 1.0
     eps: float = 1e-6
+    whiten: str = "none"
 
     def __post_init__(self) -> None:
-        _choice(self, "estimator", tuple(ADVANTAGE_ESTIMATORS))
+        _choice(self, "estimator", tuple(ESTIMATORS))
         _float(self, "gamma", lo=0.0, hi=1.0)
         _float(self, "lam", lo=0.0, hi=1.0)
         _float(self, "eps", lo=0.0)
+        _choice(self, "whiten", WHITEN_MODES)
 
 
 @dataclass(frozen=True)
@@ -326,10 +363,12 @@ class OnlineKnobs:
                 raise ValueError(
                     f"OnlineKnobs.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
                 )
-        if self.advantage.estimator in GROUP_ESTIMATORS and self.sampling.group_size < 2:
+        spec = ESTIMATORS[self.advantage.estimator]
+        if self.sampling.group_size < spec.min_group_size:
             raise ValueError(
-                f"sampling.group_size must be >= 2 for advantage.estimator="
-                f"{self.advantage.estimator!r}, got {self.sampling.group_size}"
+                f"sampling.group_size must be >= {spec.min_group_size} for advantage.estimator="
+                f"{self.advantage.estimator!r} (scope {spec.scope!r}), got "
+                f"{self.sampling.group_size}"
             )
         if self.sampling.dynamic_sampling and self.sampling.group_size < 2:
             raise ValueError(
@@ -402,6 +441,20 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sampling": {"group_size": 1},
         },
     },
+    "reinforce_pp_baseline": {
+        "paper": "Hu 2025, REINFORCE++ (REINFORCE++-baseline, as verl and OpenRLHF compute it)",
+        "vs_grpo": "Subtracts the group mean (no group std), then whitens over the whole batch "
+        "instead of per group, has no ratio clip, and puts a token-level k1 KL in the reward.",
+        "knobs": {
+            # verl compute_reinforce_plus_plus_baseline_outcome_advantage: R - group mean, then
+            # masked_whiten over the batch. G = 4 and the KL (as reinforce_pp): psirl's choices.
+            "advantage": {"estimator": "group_mean", "gamma": 1.0, "lam": 1.0,
+                          "whiten": "batch"},
+            "loss": {"ratio": "on_policy", "clip": "none", "aggregation": "seq_mean_token_sum",
+                     "kl_estimator": "k1", "kl_placement": "reward_token", "kl_coef": 0.01},
+            "sampling": {"group_size": 4},
+        },
+    },
     "rloo": {
         "paper": "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization "
         "for Learning from Human Feedback in LLMs",
@@ -426,7 +479,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             # 0.2"); gamma = 1 for LMs (ref 002); lambda = 0.95 the common GAE setting.
             # Ref 001: drift KL subtracted from the reward; set kl_control.adaptive=true for
             # PPO-KLPEN's controller. beta = 0.05 is psirl's choice.
-            "advantage": {"estimator": "gae", "gamma": 1.0, "lam": 0.95},
+            # Whitening: verl and OpenRLHF whiten GAE advantages over the batch (token-level
+            # masked mean and unbiased variance); the references are silent, so the anchors'
+            # choice is the preset's (advantage.whiten=none gives raw GAE).
+            "advantage": {"estimator": "gae", "gamma": 1.0, "lam": 0.95, "whiten": "batch"},
             "loss": {"ratio": "token", "clip": "symmetric", "eps_low": 0.2, "eps_high": 0.2,
                      "aggregation": "token_mean", "kl_estimator": "k1",
                      "kl_placement": "reward_token", "kl_coef": 0.05},
@@ -596,22 +652,17 @@ def resolve_preset(name: str, overrides: dict[str, Any] | None = None) -> Online
 # --------------------------------------------------------------------------------------------
 # The method matrix (ref 002), derived from the presets so it cannot drift from them.
 
-_BASELINE = {
-    "none": "none",
-    "batch_mean": "batch mean (critic-free)",
-    "batch_whiten": "batch mean / std (critic-free)",
-    "group_mean": "group mean, no std (critic-free)",
-    "group_mean_std": "group mean / std (critic-free)",
-    "leave_one_out": "leave-one-out group mean (critic-free)",
-    "gae": "learned value V_phi",
-}
-
 _LENGTH = {
     "token_mean": "token-mean over all responses",
     "seq_mean_token_mean": "per-response then per-group (length bias)",
     "seq_mean_token_sum": "token sum per response, mean over responses",
     "constant": "token sum / constant (max tokens)",
 }
+
+
+def _baseline(adv: AdvantageKnobs) -> str:
+    words = ESTIMATORS[adv.estimator].baseline
+    return words if adv.whiten == "none" else f"{words}, then {adv.whiten} whitening"
 
 
 def _ratio_clip(loss: PolicyLossKnobs, sampling: SamplingKnobs) -> str:
@@ -622,6 +673,10 @@ def _ratio_clip(loss: PolicyLossKnobs, sampling: SamplingKnobs) -> str:
         "asymmetric": f", clip-higher eps_low={loss.eps_low:g} eps_high={loss.eps_high:g}",
         "dual": f", dual clip eps={loss.eps_low:g}/{loss.eps_high:g} c={loss.dual_clip_c:g}",
         "cispo": f", clips the IS weight (stop-grad) at 1+{loss.eps_high:g}",
+        "sapo": f", soft sigmoid gate tau={loss.sapo_tau_pos:g}/{loss.sapo_tau_neg:g}",
+        "gmpo": f", geometric mean, log-ratio clip {loss.eps_low:g}/{loss.eps_high:g}",
+        "clip_cov": f", clip eps={loss.eps_low:g}/{loss.eps_high:g} + clip-cov",
+        "kl_cov": ", KL-Cov penalty",
     }[loss.clip]
     extra = " + dynamic sampling" if sampling.dynamic_sampling else ""
     return unit + clip + extra
@@ -659,7 +714,7 @@ def method_matrix() -> list[dict[str, str]]:
         rows.append(
             {
                 "method": name,
-                "baseline": _BASELINE[k.advantage.estimator],
+                "baseline": _baseline(k.advantage),
                 "advantage_unit": unit,
                 "ratio_clip_unit": _ratio_clip(k.loss, k.sampling),
                 "length_handling": _LENGTH[k.loss.aggregation],
@@ -668,3 +723,37 @@ def method_matrix() -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def knob_catalog() -> dict[str, Any]:
+    """Every value each choice knob accepts, with what psirl knows of it (for `psirl algorithms
+    --json` and the docs), read from the registries in core/ -- nothing is listed twice.
+
+    Keys: advantage_estimators {name: scope, std_scaled, unbiased, bias, baseline, inputs,
+    global_statistics}, whiten, kl_estimators, clip_rules, aggregation, ratio, kl_placements,
+    preference_losses {loop losses, dpo_loss_types, further functions}.
+    """
+    from psirl.core import preference
+
+    return {
+        "advantage_estimators": {
+            name: {"scope": s.scope, "std_scaled": s.std_scaled, "unbiased": s.unbiased,
+                   "bias": s.bias, "baseline": s.baseline, "inputs": list(s.inputs),
+                   "global_statistics": s.global_statistics}
+            for name, s in ESTIMATORS.items()
+        },
+        "whiten": list(WHITEN_MODES),
+        "kl_estimators": list(KL_ESTIMATORS),
+        "clip_rules": list(CLIP_RULES),
+        "aggregation": list(AGGREGATION_MODES),
+        "ratio": list(RATIO_LEVELS),
+        "kl_placements": list(KL_PLACEMENTS),
+        "preference_losses": {
+            "loop": ["dpo", "ipo", "kto", "simpo", "orpo"],
+            "dpo_loss_types": list(preference.DPO_LOSS_TYPES),
+            "f_divergences": ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+            "functions": ["mixed_dpo_loss", "kto_apo_zero_unpaired_loss", "cpo_loss",
+                          "alphapo_loss", "reward_centering_penalty", "likelihood_displacement"],
+            "paper_defaults": preference.PAPER_DEFAULTS,
+        },
+    }

@@ -121,7 +121,8 @@ def test_cross_field_checks_name_the_field():
 
 def test_preset_names_and_metadata():
     assert list(PRESETS) == [
-        "reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo",
+        "reinforce", "reinforce_pp", "reinforce_pp_baseline", "rloo", "ppo", "grpo", "dr_grpo",
+        "dapo", "gspo", "cispo",
     ]
     for name, preset in PRESETS.items():
         assert set(preset) == {"paper", "vs_grpo", "knobs"}, name
@@ -265,7 +266,7 @@ def test_method_matrix_rows():
     assert rows["reinforce"]["ratio_clip_unit"] == "none (on-policy)"
     assert rows["rloo"]["baseline"].startswith("leave-one-out")
     assert rows["rloo"]["length_handling"].startswith("token-mean")
-    assert rows["ppo"]["baseline"] == "learned value V_phi"
+    assert rows["ppo"]["baseline"] == "learned value V_phi, then batch whitening"
     assert rows["ppo"]["advantage_unit"].startswith("token (GAE")
     assert rows["grpo"]["baseline"].startswith("group mean / std")
     assert rows["grpo"]["length_handling"].startswith("per-response then per-group")
@@ -276,3 +277,44 @@ def test_method_matrix_rows():
     assert rows["gspo"]["ratio_clip_unit"].startswith("sequence")
     assert "IS weight" in rows["cispo"]["ratio_clip_unit"]
     assert rows["reinforce_pp"]["kl"] == "k1 in reward, per token, beta=0.01"
+
+
+def test_knob_catalog_lists_every_registry_value():
+    import json
+
+    from psirl.algorithms import knob_catalog
+    from psirl.core.clip import CLIP_RULES
+    from psirl.core.kl import KL_ESTIMATORS
+
+    cat = knob_catalog()
+    json.dumps(cat)  # JSON-able for `psirl algorithms --json`
+    assert set(cat["advantage_estimators"]) == set(ADVANTAGE_ESTIMATORS)
+    assert cat["advantage_estimators"]["gpg"]["global_statistics"] is True
+    assert cat["advantage_estimators"]["remax"]["inputs"] == ["baseline_rewards"]
+    assert cat["kl_estimators"] == list(KL_ESTIMATORS) and "k3_ratio" in cat["kl_estimators"]
+    assert cat["clip_rules"] == list(CLIP_RULES) and "sapo" in cat["clip_rules"]
+    assert "discopop" in cat["preference_losses"]["dpo_loss_types"]
+    # every value the catalog lists is accepted by the knobs
+    for name in cat["advantage_estimators"]:
+        AdvantageKnobs(estimator=name)
+    for est in cat["kl_estimators"]:
+        PolicyLossKnobs(kl_estimator=est)
+    for rule in cat["clip_rules"]:
+        PolicyLossKnobs(clip=rule, eps_low=0.2, eps_high=0.2)
+
+
+def test_estimator_properties_reach_the_knob_checks():
+    # group-scope estimators need two samples per prompt: derived from the registry
+    from psirl.core.advantages import ESTIMATORS
+
+    for name, spec in ESTIMATORS.items():
+        knobs = {"advantage": {"estimator": name}, "sampling": {"group_size": 1}}
+        if spec.scope == "group":
+            with pytest.raises(ValueError, match="group_size"):
+                knobs_from_dict(knobs)
+        else:
+            assert knobs_from_dict(knobs).advantage.estimator == name
+    with pytest.raises(ValueError, match="whiten"):
+        AdvantageKnobs(whiten="global")
+    with pytest.raises(ValueError, match="kl_clamp"):
+        PolicyLossKnobs(kl_clamp=0.0)

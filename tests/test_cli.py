@@ -24,7 +24,8 @@ def test_algorithms_json_lists_the_nine_presets():
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [row["method"] for row in rows] == [
-        "reinforce", "reinforce_pp", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo"]
+        "reinforce", "reinforce_pp", "reinforce_pp_baseline", "rloo", "ppo", "grpo", "dr_grpo",
+        "dapo", "gspo", "cispo"]
     assert set(rows[0]) == {"method", "baseline", "advantage_unit", "ratio_clip_unit",
                             "length_handling", "kl", "paper", "knobs"}
     ppo_knobs = {row["method"]: row for row in rows}["ppo"]["knobs"]

@@ -26,7 +26,11 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_abs",
+    "kl_low_var",
+    "straight_through",
     "KL_ESTIMATORS",
+    "RATIO_CORRECTED",
     "kl_estimate",
     "kl_in_reward",
     "AdaptiveKLController",
@@ -75,18 +79,78 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.expm1(rho) - rho
 
 
+def kl_abs(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """abs = |log pi(a) - log pi_ref(a)| (verl's kl_penalty "abs"). Shapes as ``kl_k1``.
+
+    Biased (E_pi|k1| >= KL) and non-negative. Reference: verl core_algos.kl_penalty.
+    """
+    _check(logp, ref_logp)
+    return (logp - ref_logp).abs()
+
+
+LOW_VAR_KL_CLAMP = 10.0
+
+
+def kl_low_var(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """verl's "low_var_kl": k3 clamped to [-10, 10] (k3 >= 0, so in effect min(k3, 10)).
+
+    Beyond the clamp the value is 10 and the gradient 0 (torch.clamp). Shapes as ``kl_k1``.
+    Reference: verl core_algos.kl_penalty ("low_var_kl": torch.clamp(kld, min=-10, max=10)).
+    """
+    return torch.clamp(kl_k3(logp, ref_logp), -LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
+
+
+def straight_through(value: Tensor, logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """The value of an estimator with the gradient of k2: verl's "+" variants (k1+, k3+, ...).
+
+        out = value.detach() + k2 - k2.detach(),   k2 = (log pi - log pi_ref)^2 / 2
+
+    so out == value while d out / d logp = log pi - log pi_ref: in the loss, E_pi of that times
+    grad log pi is the gradient of the per-state reverse KL, which k1 (zero in expectation) and
+    k3 (the forward KL's) do not give. Reference: verl core_algos.kl_penalty ("+" suffix,
+    straight-through), OpenRLHF PR #1309.
+    """
+    k2 = kl_k2(logp, ref_logp)
+    return value.detach() + (k2 - k2.detach())
+
+
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "k1": kl_k1,
     "k2": kl_k2,
     "k3": kl_k3,
+    "abs": kl_abs,
+    "low_var_kl": kl_low_var,
+    "k1+": lambda lp, ref: straight_through(kl_k1(lp, ref), lp, ref),
+    "k3+": lambda lp, ref: straight_through(kl_k3(lp, ref), lp, ref),
+    "low_var_kl+": lambda lp, ref: straight_through(kl_low_var(lp, ref), lp, ref),
+    # TRL's GRPO default (use_bias_correction_kl): k3 times the importance ratio pi/pi_old, see
+    # kl_estimate; with no ratio given (the KL in the reward, at sampling time) it is k3.
+    "k3_ratio": kl_k3,
 }
+# Estimators multiplied by the importance ratio r_t = pi/pi_old (differentiated) when given one.
+RATIO_CORRECTED: frozenset[str] = frozenset({"k3_ratio"})
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
-    """Per-token KL estimate with the named estimator ("k1" | "k2" | "k3").
+def kl_estimate(
+    logp: Tensor,
+    ref_logp: Tensor,
+    estimator: str,
+    *,
+    clamp: float | None = None,
+    log_ratio: Tensor | None = None,
+) -> Tensor:
+    """Per-token KL estimate with the named estimator (a key of ``KL_ESTIMATORS``).
 
-    logp, ref_logp: [B, T] float. Returns [B, T]; differentiable in logp.
-    Reference: ../shared/reference/001_dd55e9af3bef0bfc.txt.
+        k = KL_ESTIMATORS[estimator](logp, ref_logp)
+        k = k * exp(log_ratio)          for "k3_ratio" when log_ratio is given (TRL's
+                                        importance-sampling-corrected KL: E_old[r k3] = E_pi[k3])
+        k = clamp(k, -clamp, clamp)     when clamp is given (verl clamps k3 at 10; off by
+                                        default, as the references write k3)
+
+    logp, ref_logp: [B, T] float; log_ratio: [B, T] (or broadcastable) log pi - log pi_old,
+    differentiable. Returns [B, T]; differentiable in logp.
+    Reference: ../shared/reference/001_dd55e9af3bef0bfc.txt; verl core_algos.kl_penalty; TRL
+    GRPOTrainer (use_bias_correction_kl).
     """
     try:
         fn = KL_ESTIMATORS[estimator]
@@ -94,7 +158,14 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
         raise ValueError(
             f"kl estimator must be one of {tuple(KL_ESTIMATORS)}, got {estimator!r}"
         ) from None
-    return fn(logp, ref_logp)
+    k = fn(logp, ref_logp)
+    if estimator in RATIO_CORRECTED and log_ratio is not None:
+        k = k * torch.exp(log_ratio)
+    if clamp is not None:
+        if not clamp > 0:
+            raise ValueError(f"kl clamp must be > 0, got {clamp!r}")
+        k = torch.clamp(k, -clamp, clamp)
+    return k
 
 
 def kl_in_reward(
@@ -106,6 +177,7 @@ def kl_in_reward(
     coef: float,
     estimator: str = "k1",
     placement: str = "reward_token",
+    clamp: float | None = None,
 ) -> Tensor:
     """Subtract a detached KL penalty from the per-token rewards.
 
@@ -117,7 +189,7 @@ def kl_in_reward(
     charges every token for the whole sequence's KL (RLOO: R' = R - beta KL). The KL value is
     detached: in the reward it is a number, never differentiated.
     token_rewards, logp, ref_logp, mask: [B, T]. Returns new token_rewards [B, T] (detached).
-    ``placement`` also accepts "token" / "sequence".
+    ``placement`` also accepts "token" / "sequence"; ``clamp``: see ``kl_estimate``.
     Reference: ../shared/reference/001_dd55e9af3bef0bfc.txt ("In the Reward: ... stop the
     gradients, and then you subtract it from the reward"), ../shared/reference/000 (REINFORCE++
     R~_i = R_i - beta sum_t log pi/pi_ref), ../shared/reference/002 (Placement A, RLOO).
@@ -126,7 +198,8 @@ def kl_in_reward(
         raise ValueError(
             f"token_rewards {tuple(token_rewards.shape)} and mask {tuple(mask.shape)} differ"
         )
-    kl = kl_estimate(logp.detach(), ref_logp.detach(), estimator).to(token_rewards.dtype)
+    kl = kl_estimate(logp.detach(), ref_logp.detach(), estimator, clamp=clamp)
+    kl = kl.to(token_rewards.dtype)
     m = mask.to(token_rewards.dtype)
     if placement in ("reward_token", "token"):
         penalty = torch.where(m > 0, kl, torch.zeros_like(kl)) * m

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from psirl.core.aggregate import aggregate_loss
-from psirl.core.clip import CLIP_RULES
+from psirl.core.clip import CLIP_RULES, RULE_INPUTS
 from psirl.core.kl import kl_estimate
 from psirl.core.masking import masked_mean
 from psirl.core.ratio import importance_log_ratio
@@ -49,7 +49,8 @@ def policy_loss(
     L       = Agg(l) + beta * Agg(k_t) [if knobs.kl_placement == "loss"] - c_H * Agg(H_t)
 
     with Agg = aggregate_loss(., mask, knobs.aggregation, normaliser) and k_t =
-    kl_estimate(logp, ref_logp, knobs.kl_estimator) differentiated (KL in the loss). When the KL
+    kl_estimate(logp, ref_logp, knobs.kl_estimator, clamp=knobs.kl_clamp, log_ratio=log r_t)
+    differentiated (KL in the loss; the ratio only matters for "k3_ratio"). When the KL
     sits in the reward it has already shaped ``advantages`` and is not added here.
 
     logp: [B, T] float, current policy log-probs of the sampled tokens (requires grad);
@@ -82,6 +83,14 @@ def policy_loss(
     m = mask.to(logp.dtype)
     log_ratio = importance_log_ratio(logp, old_logp, m, _knob(knobs, "ratio", "token"))
     ratio = torch.exp(log_ratio)
+    available = {"mask": m, "logp": logp}
+    # Rule-specific inputs: the batch's mask / log-probs, and knob values (the rule's own
+    # defaults when the knobs object does not carry them).
+    extra = {
+        name: available[name] if name in available else float(getattr(knobs, name))
+        for name in RULE_INPUTS.get(clip_rule, ())
+        if name in available or hasattr(knobs, name)
+    }
     per_token, clip_masks = CLIP_RULES[clip_rule](
         ratio,
         advantages.detach().to(logp.dtype),
@@ -89,6 +98,7 @@ def policy_loss(
         eps_high=float(_knob(knobs, "eps_high", 0.2)),
         dual_clip_c=float(_knob(knobs, "dual_clip_c", 3.0)),
         log_ratio=log_ratio,
+        **extra,
     )
     if is_weights is not None:
         per_token = per_token * is_weights.detach().to(per_token.dtype)
@@ -100,7 +110,10 @@ def policy_loss(
     kl_tok = None
     if ref_logp is not None:
         ref = ref_logp.to(logp.dtype).detach()
-        kl_tok = kl_estimate(logp, ref, _knob(knobs, "kl_estimator", "k3"))
+        kl_tok = kl_estimate(
+            logp, ref, _knob(knobs, "kl_estimator", "k3"),
+            clamp=_knob(knobs, "kl_clamp", None), log_ratio=log_ratio,
+        )
         stats["kl_mean"] = masked_mean(kl_tok.detach(), m)
     kl_loss = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if placement == "loss" and beta != 0.0:

@@ -20,6 +20,8 @@ name a method without its formula, the formula is the original paper's (cited pe
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,15 @@ __all__ = [
     "implicit_rewards",
     "preference_metrics",
     "best_worst_pairs",
+    "DPO_LOSS_TYPES",
+    "dpo_family_loss",
+    "mixed_dpo_loss",
+    "kto_apo_zero_unpaired_loss",
+    "cpo_loss",
+    "alphapo_loss",
+    "reward_centering_penalty",
+    "likelihood_displacement",
+    "PAPER_DEFAULTS",
 ]
 
 # The largest average log-prob ORPO's log-odds accept: log p = 0 (p = 1) has infinite odds.
@@ -108,6 +119,8 @@ def ipo_loss(
     ref_rejected_logps: Tensor,
     *,
     beta: float,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
 ) -> Tensor:
     """IPO: squared distance of the log-ratio margin from 1/(2 beta); per-pair loss [B].
 
@@ -116,11 +129,20 @@ def ipo_loss(
     Instead of pushing the margin to infinity as DPO's sigmoid does, IPO regresses it to a finite
     target, so training stops once the pair is separated by 1/(2 beta) (Azar et al. 2024;
     001 "Identity Preference Optimization"; 000 "Variants"). The minimiser is h = 1/(2 beta) with
-    loss 0. Inputs [B] float (sequence log-prob sums; pass per-token averages to get the
-    length-normalised variant); beta > 0.
+    loss 0. Inputs [B] float: sequence log-prob sums, as the IPO paper defines h (log-ratios of
+    whole sequences). With ``chosen_lengths`` / ``rejected_lengths`` [B] every log-prob is first
+    divided by its completion length (per-token averages: what TRL's DPOTrainer does for
+    loss_type "ipo"); the target 1/(2 beta) is then a per-token margin. beta > 0.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("ipo_loss: give both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:
+        policy_chosen_logps = average_logps(policy_chosen_logps, chosen_lengths)
+        ref_chosen_logps = average_logps(ref_chosen_logps, chosen_lengths)
+        policy_rejected_logps = average_logps(policy_rejected_logps, rejected_lengths)
+        ref_rejected_logps = average_logps(ref_rejected_logps, rejected_lengths)
     margin = _log_ratio_margin(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -205,10 +227,14 @@ def simpo_loss(
     *,
     beta: float,
     gamma: float,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """SimPO: reference-free, length-normalised reward with a target margin; per-pair loss [B].
 
-        L = -log sigma( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
+        z = beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma
+        L = -(1 - eps) log sigma(z) - eps log sigma(-z)     (eps = label_smoothing, default 0)
+
+    Label smoothing as TRL's CPOTrainer applies it to SimPO (conservative, as cDPO).
 
     (Meng et al. 2024; 000 "Variants": "drops pi_ref ... uses average log-prob normalized by
     length as the implicit reward"; 001 "SimPO": "length-normalized log probability ... with some
@@ -220,9 +246,15 @@ def simpo_loss(
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     _check_same_shape(policy_chosen_logps=policy_chosen_logps,
                       policy_rejected_logps=policy_rejected_logps)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen = average_logps(policy_chosen_logps, chosen_lengths)
     rejected = average_logps(policy_rejected_logps, rejected_lengths)
-    return -F.logsigmoid(beta * (chosen - rejected) - gamma)
+    z = beta * (chosen - rejected) - gamma
+    loss = -F.logsigmoid(z)
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
 
 
 def log_odds(avg_logps: Tensor) -> Tensor:
@@ -244,6 +276,7 @@ def orpo_loss(
     rejected_lengths: Tensor,
     *,
     lam: float,
+    chosen_nll: Tensor | None = None,
 ) -> Tensor:
     """ORPO: SFT on the chosen answer plus lambda times an odds-ratio preference term; loss [B].
 
@@ -252,7 +285,10 @@ def orpo_loss(
 
     (Hong et al. 2024; 000 "Variants": "folds an explicit SFT term into the DPO loss so you can
     collapse the SFT and preference-tuning stages into one pass"). No reference model. The SFT
-    term is the chosen completion's per-token NLL. Inputs [B] float; lam >= 0.
+    term is the chosen completion's per-token NLL, -a_w (averaged over the completion only);
+    TRL's ORPOTrainer averages the NLL over prompt and completion tokens instead: pass that
+    per-example NLL [B] as ``chosen_nll`` to use it (the odds-ratio term is unchanged).
+    Inputs [B] float; lam >= 0.
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
@@ -261,7 +297,8 @@ def orpo_loss(
     chosen = average_logps(policy_chosen_logps, chosen_lengths)
     rejected = average_logps(policy_rejected_logps, rejected_lengths)
     odds_ratio_term = -F.logsigmoid(log_odds(chosen) - log_odds(rejected))
-    return -chosen + lam * odds_ratio_term
+    nll = -chosen if chosen_nll is None else chosen_nll
+    return nll + lam * odds_ratio_term
 
 
 def bradley_terry_loss(
@@ -344,3 +381,250 @@ def best_worst_pairs(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor
             rejected.append(int(rows[worst]))
     as_long = {"dtype": torch.long, "device": rewards.device}
     return torch.tensor(chosen, **as_long), torch.tensor(rejected, **as_long)
+
+
+# ------------------------------------------------------------------ TRL's further DPO losses
+def _logratios(pol_w: Tensor, pol_l: Tensor, ref_w: Tensor, ref_l: Tensor) -> tuple[Tensor, Tensor]:
+    _check_same_shape(pol_w=pol_w, pol_l=pol_l, ref_w=ref_w, ref_l=ref_l)
+    return pol_w - ref_w, pol_l - ref_l
+
+
+def _smoothed_sigmoid(z: Tensor, label_smoothing: float) -> Tensor:
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def _cap_exp(x: Tensor, cap: float = 88.0) -> Tensor:
+    # exp that does not overflow float32 (TRL's cap_exp bound): f-divergence logits use u^-alpha.
+    return torch.exp(x.clamp(max=cap))
+
+
+def dpo_family_loss(
+    loss_type: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    alpha: float = 1.0,
+    bco_delta: float = 0.0,
+    discopop_tau: float = 0.05,
+) -> Tensor:
+    """The DPO-family loss ``loss_type`` of TRL's DPOTrainer; per-pair loss [B].
+
+    With a_w = log pi(y_w)/pi_ref(y_w), a_l = log pi(y_l)/pi_ref(y_l) (sequence sums),
+    h = a_w - a_l, eps = label_smoothing, sg = sigma:
+      sigmoid    -(1-eps) log sg(beta z) - eps log sg(-beta z), z = the f-divergence margin
+                 (reverse_kl: z = h, i.e. DPO; js_divergence: z = h - (softplus(a_w) -
+                 softplus(a_l)); forward_kl: z = e^{-a_l} - e^{-a_w}; alpha_divergence:
+                 z = (e^{-alpha a_l} - e^{-alpha a_w}) / alpha  -- f-DPO, Wang et al. 2023:
+                 z = f'(u_w) - f'(u_l) with u = pi/pi_ref; forward KL is alpha = 1)
+      robust     ( -(1-eps) log sg(beta h) + eps log sg(-beta h) ) / (1 - 2 eps)  (Chowdhury 2024)
+      hinge      max(0, 1 - beta h)                                       (SLiC, Zhao 2023)
+      exo_pair   sg(beta h) (log sg(beta h) - log(1-e)) + sg(-beta h) (log sg(-beta h) - log e),
+                 e = eps, or 1e-3 when eps = 0                              (EXO, Ji 2024)
+      nca_pair   -log sg(beta a_w) - 0.5 log sg(-beta a_w) - 0.5 log sg(-beta a_l)  (Chen 2024)
+      bco_pair   -log sg(beta a_w - delta) - log sg(-(beta a_l - delta)), delta = the running
+                 mean of the implicit rewards (``bco_delta``; BCO, Jung 2024)
+      sppo_hard  (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2                (SPPO, Wu 2024)
+      aot        the sigmoid loss on z = sort_B(log pi_w - log pi_l) - sort_B(log ref_w -
+                 log ref_l) (AOT, Melnyk 2024: optimal transport of the margin distributions)
+      aot_unpaired  the sigmoid loss on z = sort_B(a_w) - sort_B(a_l)
+      apo_zero   (1 - sg(beta a_w)) + sg(beta a_l)                      (APO, D'Oosterlinck 2024)
+      apo_down   sg(beta a_w) + (1 - sg(beta (a_w - a_l)))
+      discopop   (1 - m) (-log sg(beta h)) + m e^{-beta h}, m = sg(beta h / tau)  (Chris 2024)
+    Inputs [B] float sequence log-prob sums; beta > 0. The sorted losses (aot, aot_unpaired)
+    mix the examples of the batch, so they are per-position, not per-pair.
+    Reference: TRL DPOTrainer.dpo_loss (the loss_type values), the papers cited per line.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    a_w, a_l = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps)
+    h = a_w - a_l
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        if f_divergence == "reverse_kl":
+            z = h
+        elif f_divergence == "js_divergence":
+            z = h - (F.softplus(a_w) - F.softplus(a_l))
+        elif f_divergence in ("forward_kl", "alpha_divergence"):
+            a = 1.0 if f_divergence == "forward_kl" else alpha
+            if a <= 0:
+                raise ValueError(f"alpha must be > 0, got {a}")
+            z = (_cap_exp(-a * a_l) - _cap_exp(-a * a_w)) / a
+        else:
+            raise ValueError(
+                "f_divergence must be one of ('reverse_kl', 'forward_kl', 'js_divergence', "
+                f"'alpha_divergence'), got {f_divergence!r}"
+            )
+        return _smoothed_sigmoid(beta * z, eps)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * h)
+    if loss_type == "exo_pair":
+        e = eps if eps > 0 else 1e-3
+        z = beta * h
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - e))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
+    if loss_type == "nca_pair":
+        return (-F.logsigmoid(beta * a_w) - 0.5 * F.logsigmoid(-beta * a_w)
+                - 0.5 * F.logsigmoid(-beta * a_l))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * a_w - bco_delta) - F.logsigmoid(-(beta * a_l - bco_delta))
+    if loss_type == "sppo_hard":
+        return (a_w - 0.5 / beta) ** 2 + (a_l + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        pol = torch.sort(policy_chosen_logps - policy_rejected_logps).values
+        ref = torch.sort(ref_chosen_logps - ref_rejected_logps).values
+        return _smoothed_sigmoid(beta * (pol - ref), eps)
+    if loss_type == "aot_unpaired":
+        return _smoothed_sigmoid(beta * (torch.sort(a_w).values - torch.sort(a_l).values), eps)
+    if loss_type == "apo_zero":
+        return (1.0 - torch.sigmoid(beta * a_w)) + torch.sigmoid(beta * a_l)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * a_w) + (1.0 - torch.sigmoid(beta * h))
+    if loss_type == "discopop":
+        z = beta * h
+        mod = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1.0 - mod) + torch.exp(-z) * mod
+    raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+
+
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop",
+)
+
+
+def mixed_dpo_loss(
+    weighted_types: dict[str, float],
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    **kwargs: float | str,
+) -> Tensor:
+    """A weighted mixture sum_k w_k L_k of ``dpo_family_loss`` types (TRL's loss_type list with
+    loss_weights, e.g. MPO = sigmoid + bco_pair + sft). weighted_types: {loss_type: weight}."""
+    if not weighted_types:
+        raise ValueError("mixed_dpo_loss needs at least one {loss_type: weight}")
+    return sum(
+        w * dpo_family_loss(t, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                            ref_rejected_logps, **kwargs)
+        for t, w in weighted_types.items()
+    )
+
+
+def kto_apo_zero_unpaired_loss(
+    policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta: float
+) -> Tensor:
+    """KTO's loss_type "apo_zero_unpaired" (TRL): APO-zero on unpaired samples; loss [B].
+
+        desirable:   1 - sg(beta (log pi(y) - log pi_ref(y)))
+        undesirable: sg(beta (log pi(y) - log pi_ref(y)))
+    (no KL reference point). desirable: [B] bool. Reference: TRL KTOTrainer, D'Oosterlinck 2024.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps)
+    s = torch.sigmoid(beta * (policy_logps - ref_logps))
+    return torch.where(desirable.bool(), 1.0 - s, s)
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    *,
+    beta: float,
+    nll_weight: float = 1.0,
+    hinge: bool = False,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """CPO (Xu et al. 2024): a reference-free DPO term on sequence log-probs plus the chosen NLL.
+
+        sigmoid: L = -(1-eps) log sg(beta (log pi_w - log pi_l)) - eps log sg(-beta(...))
+                     + w * ( -log pi(y_w) / |y_w| )
+        hinge:   L = max(0, 1 - beta (log pi_w - log pi_l)) + w * ( -log pi(y_w) / |y_w| )
+    Inputs [B]: sequence log-prob sums and the chosen lengths. Reference: TRL CPOTrainer
+    (loss_type sigmoid / hinge, cpo_alpha = the NLL weight).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps,
+                      policy_rejected_logps=policy_rejected_logps)
+    z = beta * (policy_chosen_logps - policy_rejected_logps)
+    pref = torch.relu(1.0 - z) if hinge else _smoothed_sigmoid(z, label_smoothing)
+    return pref - nll_weight * average_logps(policy_chosen_logps, chosen_lengths)
+
+
+def alphapo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    alpha: float,
+) -> Tensor:
+    """AlphaPO (Gupta et al. 2025): SimPO with the reward r(y) = -(p^-alpha - 1) / alpha.
+
+        p = exp(log pi(y)/|y|) (per-token average),  r = (1 - p^-alpha) / alpha  (alpha -> 0:
+        r -> log p, SimPO);  L = -log sg( beta (r_w - r_l) - gamma )
+    Reference: TRL CPOTrainer (alpha, loss_type "simpo").
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    a_w = average_logps(policy_chosen_logps, chosen_lengths)
+    a_l = average_logps(policy_rejected_logps, rejected_lengths)
+    if alpha == 0:
+        r_w, r_l = a_w, a_l
+    else:
+        r_w = -torch.expm1(-alpha * a_w) / alpha
+        r_l = -torch.expm1(-alpha * a_l) / alpha
+    return -F.logsigmoid(beta * (r_w - r_l) - gamma)
+
+
+def reward_centering_penalty(chosen_scores: Tensor, rejected_scores: Tensor, coef: float) -> Tensor:
+    """Bradley-Terry reward centring (Eisenstein et al. 2023; TRL center_rewards_coefficient):
+    coef * (r_w + r_l)^2 per pair [B], added to the BT loss so rewards stay centred at 0."""
+    if coef < 0:
+        raise ValueError(f"coef must be >= 0, got {coef}")
+    _check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    return coef * (chosen_scores + rejected_scores) ** 2
+
+
+def likelihood_displacement(
+    chosen_logps_before: Tensor, chosen_logps_after: Tensor,
+    rejected_logps_before: Tensor, rejected_logps_after: Tensor,
+) -> dict[str, float]:
+    """Likelihood displacement (reference 003): the margin grows while the chosen log-prob falls.
+
+    Returns chosen_logp_change = mean(log pi_after(y_w) - log pi_before(y_w)), margin_change
+    (the same for log pi(y_w) - log pi(y_l)), and displaced = 1.0 when the margin grew and the
+    chosen log-prob fell (else 0.0). Inputs [B] sequence log-prob sums of the same pairs.
+    """
+    dw = float((chosen_logps_after - chosen_logps_before).mean())
+    dl = float((rejected_logps_after - rejected_logps_before).mean())
+    return {"chosen_logp_change": dw, "margin_change": dw - dl,
+            "displaced": float(dw - dl > 0 and dw < 0)}
+
+
+# The hyper-parameters each loss's paper uses (what `preference.beta` etc. should default to for
+# that loss); "source" says where the value comes from.
+PAPER_DEFAULTS: dict[str, dict[str, float | str]] = {
+    "dpo": {"beta": 0.1, "source": "Rafailov et al. 2023 (beta = 0.1 in most experiments)"},
+    "ipo": {"beta": 0.1, "source": "Azar et al. 2024 sweep tau; 0.1 is TRL's default"},
+    "kto": {"beta": 0.1, "source": "Ethayarajh et al. 2024 (beta = 0.1, lambda_D = lambda_U = 1)"},
+    "simpo": {"beta": 2.0, "gamma": 1.0,
+              "source": "Meng et al. 2024 (beta = 2.0, gamma / beta = 0.5: Llama-3-Base setting)"},
+    "orpo": {"orpo_lambda": 0.1, "source": "Hong et al. 2024 (lambda = 0.1)"},
+    "cpo": {"beta": 0.1, "nll_weight": 1.0, "source": "Xu et al. 2024; TRL CPOConfig"},
+}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.advantages import ADVANTAGE_ESTIMATORS, whiten_advantages
 from psirl.core.kl import kl_in_reward
 from psirl.core.masking import place_on_last_token
 
@@ -73,7 +73,8 @@ def reward_tokens(
             and loss_knobs.kl_placement in REWARD_PLACEMENTS and beta != 0.0):
         token_rewards = kl_in_reward(token_rewards, behaviour_logp.detach(), ref_logp.detach(),
                                      mask, coef=beta, estimator=loss_knobs.kl_estimator,
-                                     placement=loss_knobs.kl_placement)
+                                     placement=loss_knobs.kl_placement,
+                                     clamp=getattr(loss_knobs, "kl_clamp", None))
     return token_rewards
 
 
@@ -90,6 +91,8 @@ def score_rollouts(
     kl_coef: float | None = None,
     advantage_fn: AdvantageFn | None = None,
     turn_rewards: Tensor | None = None,
+    extra_inputs: dict[str, Tensor] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Scores:
     """Per-token rewards and advantages of one batch of rollouts (module docstring).
 
@@ -103,7 +106,12 @@ def score_rollouts(
         current value); None takes loss_knobs.kl_coef.
     advantage_fn: the estimator to call; None looks ``adv_knobs.estimator`` up in
         ``ADVANTAGE_ESTIMATORS`` (the data-parallel loop passes one that takes batch statistics
-        over every rank). turn_rewards: see ``reward_tokens``.
+        over every rank). turn_rewards: see ``reward_tokens``. extra_inputs: the estimator's
+        further inputs (ReMax's ``baseline_rewards`` [B]). reduce: sums a tensor over
+        data-parallel ranks, so batch whitening takes the global batch's statistics.
+
+    After the estimator, ``adv_knobs.whiten`` ("none" | "batch" | "group") whitens the
+    advantages (core.advantages.whiten_advantages), as verl and OpenRLHF do for PPO.
     """
     if advantage_fn is None:
         advantage_fn = ADVANTAGE_ESTIMATORS[adv_knobs.estimator]
@@ -111,5 +119,8 @@ def score_rollouts(
                                   ref_logp=ref_logp, kl_coef=kl_coef, turn_rewards=turn_rewards)
     advantages, returns = advantage_fn(token_rewards, mask, group_ids, values,
                                        gamma=float(adv_knobs.gamma), lam=float(adv_knobs.lam),
-                                       eps=float(adv_knobs.eps))
+                                       eps=float(adv_knobs.eps), **(extra_inputs or {}))
+    whiten = getattr(adv_knobs, "whiten", "none")
+    if whiten != "none":
+        advantages = whiten_advantages(advantages, mask, group_ids, whiten, reduce=reduce)
     return Scores(token_rewards=token_rewards, advantages=advantages, returns=returns)

@@ -62,7 +62,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS, reward_to_go, sequence_returns
+from psirl.core.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    estimator_names,
+    reward_to_go,
+    sequence_returns,
+)
 from psirl.core.aggregate import normaliser_count, normaliser_from_count
 
 __all__ = [
@@ -85,8 +90,9 @@ __all__ = [
     "world",
 ]
 
-# Advantage estimators whose baseline is a statistic of the whole batch.
-BATCH_ESTIMATORS = ("batch_mean", "batch_whiten")
+# Advantage estimators whose baseline is a statistic of the whole batch (scope "batch" in the
+# registry of core/advantages.py, the one place an estimator's properties live).
+BATCH_ESTIMATORS = estimator_names(scope="batch")
 
 # The device collectives run on: cpu for gloo, this rank's GPU for nccl (set by init_distributed).
 _COMM = {"device": torch.device("cpu")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from psirl.core.preference import (
     ipo_loss,
     kto_loss,
     kto_reference_point,
+    likelihood_displacement,
     log_odds,
     orpo_loss,
     preference_metrics,
@@ -96,6 +98,11 @@ def pair_logps(model, prompts, chosen, rejected, pad_id: int):
     return sums[:m], sums[m:], lengths[:m], lengths[m:]
 
 
+# Losses with a label-smoothing form (cDPO for DPO, TRL's CPOTrainer for SimPO); the others
+# reject a non-zero preference.label_smoothing instead of ignoring it.
+LABEL_SMOOTHED = ("dpo", "simpo")
+
+
 def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     """Per-pair loss [m] of `pcfg.loss` and the (detached) rewards shown in the metrics.
 
@@ -104,13 +111,20 @@ def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     Returns (loss [m], chosen_reward [m], rejected_reward [m]).
     """
     name = pcfg.loss
+    if pcfg.label_smoothing > 0 and name not in LABEL_SMOOTHED:
+        raise ValueError(f"preference.label_smoothing: {pcfg.label_smoothing} is not defined for "
+                         f"loss {name!r} (only {', '.join(LABEL_SMOOTHED)}); set it to 0")
     if name == "dpo":
         loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta,
                         label_smoothing=pcfg.label_smoothing)
     elif name == "ipo":
-        loss = ipo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta)
+        # IPO's paper defines h on sequence log-probs (default); TRL averages per token.
+        lengths = (len_w, len_l) if getattr(pcfg, "length_normalize", False) else (None, None)
+        loss = ipo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta, chosen_lengths=lengths[0],
+                        rejected_lengths=lengths[1])
     elif name == "simpo":
-        loss = simpo_loss(pol_w, pol_l, len_w, len_l, beta=pcfg.beta, gamma=pcfg.gamma)
+        loss = simpo_loss(pol_w, pol_l, len_w, len_l, beta=pcfg.beta, gamma=pcfg.gamma,
+                          label_smoothing=pcfg.label_smoothing)
     elif name == "orpo":
         loss = orpo_loss(pol_w, pol_l, len_w, len_l, lam=pcfg.orpo_lambda)
     else:
@@ -233,13 +247,19 @@ def kto_update(model, ref_model, params, optimizer, scheduler, samples, idx: lis
 
 
 @torch.no_grad()
-def pair_eval(model, ref_model, pairs, *, pcfg, pad_id: int, batch_size: int = 32):
+def pair_eval(model, ref_model, pairs, *, pcfg, pad_id: int, batch_size: int = 32,
+              first_eval: dict | None = None):
     """Held-out metrics on every pair: eval/loss and eval/rewards/* (accuracy: ties count 1/2).
 
     KTO is scored by its implicit reward with the DPO loss (the same r_hat = beta log pi/pi_ref).
+    Likelihood displacement (reference 003: the margin grows while the chosen log-prob falls):
+    eval/displacement/{chosen_logp_change, margin_change, displaced} compare the policy's
+    held-out log-probs with the reference model's, or (reference-free losses) with the first
+    evaluation's, which `first_eval` (a dict kept by the caller) stores.
     """
     n = len(pairs["prompt"])
     losses, rewards_w, rewards_l = [], [], []
+    logps = {"pol_w": [], "pol_l": [], "ref_w": [], "ref_l": []}
     cfg = pcfg if pcfg.loss != "kto" else pcfg.model_copy(update={"loss": "dpo"})
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
@@ -252,10 +272,34 @@ def pair_eval(model, ref_model, pairs, *, pcfg, pad_id: int, batch_size: int = 3
         losses.append(loss)
         rewards_w.append(rw)
         rewards_l.append(rl)
+        for key, value in (("pol_w", pol_w), ("pol_l", pol_l), ("ref_w", ref_w), ("ref_l", ref_l)):
+            if value is not None:
+                logps[key].append(value.detach())
     out = {"eval/loss": float(torch.cat(losses).mean())}
     out.update({f"eval/{k}": v for k, v in
                 preference_metrics(torch.cat(rewards_w), torch.cat(rewards_l)).items()})
+    now_w, now_l = torch.cat(logps["pol_w"]), torch.cat(logps["pol_l"])
+    if logps["ref_w"]:
+        before_w, before_l = torch.cat(logps["ref_w"]), torch.cat(logps["ref_l"])
+    else:
+        if first_eval is None:
+            return out
+        first_eval.setdefault("w", now_w)
+        first_eval.setdefault("l", now_l)
+        before_w, before_l = first_eval["w"], first_eval["l"]
+    shift = likelihood_displacement(before_w, now_w, before_l, now_l)
+    out.update({f"eval/displacement/{k}": v for k, v in shift.items()})
+    if shift["displaced"]:
+        warnings.warn(
+            f"likelihood displacement ({pcfg.loss}): the held-out margin grew by "
+            f"{shift['margin_change']:.3g} nats while the chosen responses' log-prob fell by "
+            f"{-shift['chosen_logp_change']:.3g} (reference 003); watch eval/displacement/*",
+            DisplacementWarning, stacklevel=2)
     return out
+
+
+class DisplacementWarning(UserWarning):
+    """The preference loss widens the margin by pushing the chosen responses down (ref 003)."""
 
 
 def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
@@ -278,6 +322,9 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     model.train()
     pad_id = tokenizer.pad_token_id
     task = build_task(config)
+    if pcfg.label_smoothing > 0 and pcfg.loss not in LABEL_SMOOTHED:
+        raise ValueError(f"preference.label_smoothing: {pcfg.label_smoothing} is not defined for "
+                         f"loss {pcfg.loss!r} (only {', '.join(LABEL_SMOOTHED)}); set it to 0")
     ref_model = None if pcfg.loss in REFERENCE_FREE else frozen_copy(model)
     shard_models(config, model, ref_model)  # distributed.strategy fsdp: shard before the optimiser
     params = [p for p in model.parameters() if p.requires_grad]
@@ -311,6 +358,7 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
             return data, epoch_batch_indices(n, optim.batch_size, step_index, config.seed), {}
 
     update = kto_update if pcfg.loss == "kto" else pair_update
+    displacement_start: dict = {}  # first held-out log-probs, for reference-free losses
 
     def step(step_index: int, generator: torch.Generator) -> dict[str, float]:
         every = pcfg.ref_refresh_every
@@ -333,7 +381,8 @@ def build_preference(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
     def evaluate(step_index: int) -> dict[str, float]:
         out = {}
         if held_out_ids is not None:
-            out.update(pair_eval(model, ref_model, held_out_ids, pcfg=pcfg, pad_id=pad_id))
+            out.update(pair_eval(model, ref_model, held_out_ids, pcfg=pcfg, pad_id=pad_id,
+                                 first_eval=displacement_start))
         if task_eval is not None:
             out.update(task_eval(step_index))
         return out

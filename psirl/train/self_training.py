@@ -43,11 +43,21 @@ def select_samples(method: str, rewards: torch.Tensor, group_ids: torch.Tensor, 
 
     star / rest: keep_i = R_i >= threshold, and (top_k set) i among the top_k of its group;
     raft:        keep_i = i among the top_k (None -> 1) highest rewards of its group
-                 (ties broken by lower index; core/filters.py top_k_per_group).
+                 (ties broken by lower index; core/filters.py top_k_per_group), R_i >= threshold,
+                 and its group is not all zero: a prompt whose every sample scored 0 has no best
+                 sample to imitate (RAFT ranks samples to learn from the good ones), so it is
+                 dropped whatever the threshold. Prompts with no kept sample are "dropped".
     rewards: [B] float; group_ids: [B] long (one group per prompt).
     """
     if method == "raft":
-        return top_k_per_group(rewards, group_ids, top_k or 1)
+        _, inverse = torch.unique(group_ids, return_inverse=True)
+        largest = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0,
+                              dtype=rewards.dtype, device=rewards.device)
+        largest = largest.scatter_reduce(0, inverse, rewards.abs(), reduce="amax",
+                                         include_self=False)
+        scored = largest[inverse] > 0
+        return top_k_per_group(rewards, group_ids, top_k or 1) & threshold_keep(
+            rewards, threshold) & scored
     if method not in ("star", "rest"):
         raise ValueError(f"self_training.method: unknown method {method!r}")
     keep = threshold_keep(rewards, threshold)

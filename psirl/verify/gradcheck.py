@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from psirl import algorithms
+from psirl.core.advantages import ESTIMATORS
 from psirl.verify.exact import TabularProblem, exact_statewise_kl_gradient, make_problem
 from psirl.verify.sampled import (
     SampledBatches,
@@ -58,6 +59,11 @@ from psirl.verify.stats import bonferroni_alpha
 __all__ = [
     "ALPHA_FAMILY",
     "KL_SETTINGS",
+    "KL_VARIANT_CELLS",
+    "ESTIMATOR_CASES",
+    "LOSS_CASES",
+    "loss_table",
+    "estimator_table",
     "KLSetting",
     "expected_verdict",
     "kl_placement_table",
@@ -73,7 +79,6 @@ __all__ = [
 ALPHA_FAMILY = 0.01
 HARNESS_GROUP_SIZE = 4
 DEFAULT_N_BATCHES = 4096
-STD_SCALED = frozenset({"group_mean_std", "batch_whiten"})
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,17 @@ KL_SETTINGS: tuple[KLSetting, ...] = (
 )
 
 
-def expected_verdict(estimator: str, kl: KLSetting) -> tuple[str, str]:
-    """(expected verdict "unbiased" | "biased", the reason with its reference) for a row."""
-    if estimator in STD_SCALED:
-        return "biased", "std-scaled advantage (002: GRPO std-norm is a bias)"
+def expected_verdict(estimator: str, kl: KLSetting, whiten: str = "none") -> tuple[str, str]:
+    """(expected verdict "unbiased" | "biased", the reason with its reference) for a row.
+
+    The estimator's part is read from core.advantages.ESTIMATORS (its ``unbiased`` flag and
+    ``bias`` note); whitening after the estimator divides by a random std: biased.
+    """
+    spec = ESTIMATORS[estimator]
+    if not spec.unbiased:
+        return "biased", spec.bias
+    if whiten != "none":
+        return "biased", f"{whiten} whitening divides by a random std (as std scaling, 002)"
     if kl.placement == "none":
         return "unbiased", "state-only baseline (000: zero-gradient property)"
     if kl.placement.startswith("reward"):
@@ -146,6 +158,23 @@ def _preset_kl_label(knobs: Any) -> str:
     return f"{loss.kl_estimator} {loss.kl_placement}"
 
 
+# The anchors' further KL estimators (core.kl.KL_ESTIMATORS), in the reward and in the loss, on
+# the same KL-only objective. The value decides the reward placement (k1+ is k1 there: unbiased;
+# k3+, low_var_kl, abs: biased); in the loss the straight-through "+" variants and TRL's
+# ratio-corrected k3 have the expected gradient of the per-state reverse KL (consistent_with
+# shows it), which misses the effect of a token on later states: biased for the sequence KL.
+KL_VARIANT_CELLS: dict[tuple[str, str], str] = {
+    ("k1+", "reward"): "unbiased",
+    ("k1+", "loss"): "biased",
+    ("k3+", "loss"): "biased",
+    ("low_var_kl", "reward"): "biased",
+    ("low_var_kl+", "loss"): "biased",
+    ("abs", "reward"): "biased",
+    ("abs", "loss"): "biased",
+    ("k3_ratio", "loss"): "biased",
+}
+
+
 def kl_placement_table(
     problem: TabularProblem, batches: SampledBatches, alpha: float
 ) -> list[dict[str, Any]]:
@@ -171,6 +200,7 @@ def kl_placement_table(
         ("k3", "reward"): "biased",
         ("k1", "loss"): "zero in expectation",
         ("k3", "loss"): "biased",
+        **KL_VARIANT_CELLS,
     }
     others = {
         "per-state reverse KL": -beta * exact_statewise_kl_gradient(problem, "reverse"),
@@ -219,6 +249,84 @@ def kl_placement_table(
                 "var_per_sample": stats.var_per_sample,
             }
         )
+    return rows
+
+
+# Estimators that are knob values rather than presets: (estimator, expected, why). pass@k
+# (grpo_passk) only moves the prefixes of each group's best sample, so most coordinates never
+# vary in M batches; its exact expectation (grad E[max of G]) is checked by enumerating every
+# G-tuple in tests/core/test_estimator_registry.py instead.
+ESTIMATOR_CASES: tuple[tuple[str, str, str], ...] = (
+    ("remax", "unbiased", "greedy baseline is state-only (ReMax): c = 1"),
+    ("opo", "unbiased", "fixed length: b = group mean, c = 1 - 1/G (OPO)"),
+    ("gpg", "unbiased", "no zero reward here: alpha = 1, GPG = Dr. GRPO, c = 1 - 1/G"),
+)
+# batch_whiten (batch mean / batch std) is biased in theory, but on this problem the bias is
+# below what 1024-4096 batches resolve (p ~ 1e-4 .. 0.02), so it has no row.
+
+
+def estimator_table(
+    problem: TabularProblem, batches: SampledBatches, alpha: float
+) -> list[dict[str, Any]]:
+    """Advantage estimators that no preset uses (ESTIMATOR_CASES), each with no KL.
+
+    RLOO's step (on-policy, token-mean) with advantage.estimator replaced; the known scale c
+    comes from the registry (core.advantages.ESTIMATORS[...].scale; OPO and GPG have none in
+    general, and get c = 1 - 1/G where this problem makes them Dr. GRPO: fixed length, no zero
+    reward). Returns one dict per case.
+    """
+    g = batches.group_size
+    rows = []
+    for name, want, why in ESTIMATOR_CASES:
+        preset = algorithms.resolve_preset("rloo", {"advantage.estimator": name})
+        knobs = _quiet_knobs(preset, KL_SETTINGS[0], 0.0, g)
+        scale: float | None | str = "known" if ESTIMATORS[name].unbiased else None
+        if name in ("opo", "gpg"):
+            scale = 1.0 - 1.0 / g
+        stats, _ = estimate(problem, batches, knobs, scale=scale)
+        verdict = "unbiased" if stats.agrees(alpha) else "biased"
+        rows.append(
+            {
+                "estimator": name,
+                "expected": want,
+                "reason": why,
+                "verdict": verdict,
+                "ok": verdict == want,
+                **stats.summary(),
+            }
+        )
+    return rows
+
+
+# Policy-loss rules that are knob values rather than presets: (clip rule, aggregation,
+# expected, why), on RLOO advantages (unbiased, c = 1), no KL, the on-policy step (r = 1).
+LOSS_CASES: tuple[tuple[str, str, str, str], ...] = (
+    ("sapo", "token_mean", "unbiased", "f'(1) = 1: at r = 1 SAPO is the policy gradient"),
+    ("gmpo", "seq_mean_token_mean", "unbiased",
+     "at r = 1 the geometric mean gives (1/|y|) sum_t grad log pi: fixed length, c = 1"),
+    ("kl_cov", "token_mean", "unbiased", "at r = 1 the |log r| penalty has zero gradient"),
+)
+
+
+def loss_table(
+    problem: TabularProblem, batches: SampledBatches, alpha: float
+) -> list[dict[str, Any]]:
+    """The further policy-loss rules (LOSS_CASES) at the on-policy point, as the preset rows.
+
+    Clip-Cov has no row: it cuts max(1, 2e-4 N) = 1 token of the B H = 24 per batch, a bias
+    (by design) too small for this harness to resolve either way. Returns one dict per case.
+    """
+    rows = []
+    for rule, aggregation, want, why in LOSS_CASES:
+        preset = algorithms.resolve_preset(
+            "rloo", {"loss.ratio": "token", "loss.clip": rule, "loss.aggregation": aggregation,
+                     "loss.eps_low": 0.2, "loss.eps_high": 0.2}
+        )
+        knobs = _quiet_knobs(preset, KL_SETTINGS[0], 0.0, batches.group_size)
+        stats, _ = estimate(problem, batches, knobs)
+        verdict = "unbiased" if stats.agrees(alpha) else "biased"
+        rows.append({"clip": rule, "aggregation": aggregation, "expected": want, "reason": why,
+                     "verdict": verdict, "ok": verdict == want, **stats.summary()})
     return rows
 
 
@@ -336,7 +444,14 @@ def _run(
     names = tuple(algorithms.PRESETS) if presets is None else presets
     batches = sample_batches(problem, n_batches, group_size, seed)
     n_loss = sum(1 for k in KL_SETTINGS if k.placement == "loss")
-    n_tests = len(names) * (len(KL_SETTINGS) + n_loss) + 4 * 4 + len(AGGREGATION_CASES)
+    n_kl_cells = 4 + len(KL_VARIANT_CELLS)
+    n_tests = (
+        len(names) * (len(KL_SETTINGS) + n_loss)
+        + n_kl_cells * 4
+        + len(AGGREGATION_CASES)
+        + len(ESTIMATOR_CASES)
+        + len(LOSS_CASES)
+    )
     alpha = bonferroni_alpha(ALPHA_FAMILY, n_tests)
 
     rows: list[dict[str, Any]] = []
@@ -353,7 +468,9 @@ def _run(
             for kl in KL_SETTINGS:
                 knobs = _quiet_knobs(preset, kl, problem.kl_coef, group_size)
                 stats, _ = estimate(problem, batches, knobs)
-                want, reason = expected_verdict(knobs.advantage.estimator, kl)
+                want, reason = expected_verdict(
+                    knobs.advantage.estimator, kl, knobs.advantage.whiten
+                )
                 verdict = "unbiased" if stats.agrees(alpha) else "biased"
                 rows.append(
                     {
@@ -373,6 +490,8 @@ def _run(
                     bar.advance(task)
         kl_table = kl_placement_table(problem, batches, alpha)
         agg_table = aggregation_table(seed, n_batches, group_size, alpha)
+        est_table = estimator_table(problem, batches, alpha)
+        rule_table = loss_table(problem, batches, alpha)
         if bar is not None:
             bar.advance(task)
     finally:
@@ -396,12 +515,16 @@ def _run(
         "rows": rows,
         "kl_table": kl_table,
         "aggregation_table": agg_table,
+        "estimator_table": est_table,
+        "loss_table": rule_table,
         "variance_order": order,
     }
     result["ok"] = (
         all(r["ok"] for r in rows)
         and all(c["ok"] for c in kl_table)
         and all(a["ok"] for a in agg_table)
+        and all(e["ok"] for e in est_table)
+        and all(e["ok"] for e in rule_table)
         and bool(order["ok"])
     )
     result["seconds"] = time.perf_counter() - start

@@ -59,7 +59,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psirl.core.advantages import ADVANTAGE_ESTIMATORS
+from psirl.core.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    ESTIMATORS,
+    estimator_names,
+)
 from psirl.core.aggregate import step_normaliser
 from psirl.core.objective import policy_loss
 from psirl.core.score import REWARD_PLACEMENTS, reward_tokens, score_rollouts
@@ -79,6 +83,7 @@ __all__ = [
     "sample_batches",
     "harness_knobs",
     "baseline_scale",
+    "greedy_rewards",
     "aggregation_rescale",
     "build_token_rewards",
     "exact_critic",
@@ -89,8 +94,9 @@ __all__ = [
     "estimate",
 ]
 
-BATCH_LEVEL_ESTIMATORS = frozenset({"batch_mean", "batch_whiten"})
-"""Estimators whose baseline is a statistic of the whole batch (called once per batch)."""
+BATCH_LEVEL_ESTIMATORS = frozenset(estimator_names(global_statistics=True))
+"""Estimators with a statistic of the whole batch (called once per batch): read from
+core.advantages.ESTIMATORS (scope "batch", or a batch-wide factor such as GPG's alpha)."""
 
 
 
@@ -184,19 +190,39 @@ def harness_knobs(
     return out
 
 
-def baseline_scale(estimator: str, group_size: int, batch_size: int) -> float | None:
+def baseline_scale(
+    estimator: str, group_size: int, batch_size: int, whiten: str = "none"
+) -> float | None:
     """Known constant c with E[g] = c * grad J for an advantage estimator (module docstring).
 
-    "none", "leave_one_out", "gae": 1; "group_mean": 1 - 1/G; "batch_mean": 1 - 1/B;
-    "group_mean_std", "batch_whiten" (std scaling) and unknown names: None (no constant).
+    Read from core.advantages.ESTIMATORS[estimator].scale ("none", "leave_one_out", "gae",
+    "remax": 1; "group_mean": 1 - 1/G; "batch_mean": 1 - 1/B); None for estimators without a
+    known constant (std-scaled ones, GPG, OPO, pass@k), for unknown names, and whenever the
+    advantages are whitened afterwards (a random scale).
     """
-    if estimator in ("none", "leave_one_out", "gae"):
-        return 1.0
-    if estimator == "group_mean":
-        return 1.0 - 1.0 / group_size
-    if estimator == "batch_mean":
-        return 1.0 - 1.0 / batch_size
-    return None
+    spec = ESTIMATORS.get(estimator)
+    if spec is None or spec.scale is None or whiten != "none":
+        return None
+    return float(spec.scale(group_size, batch_size))
+
+
+def greedy_rewards(problem: TabularProblem, prompt_ids: Tensor) -> Tensor:
+    """R(x, y_greedy(x)) for each row's prompt: ReMax's baseline on the tabular policy.
+
+    y_greedy takes argmax_a theta[prefix, a] at every step (EOS ends it; the rest is padding).
+    prompt_ids: [N] long. Returns [N] float64.
+    """
+    pol = problem.policy
+    prompts = torch.arange(pol.n_prompts)
+    tokens = torch.zeros(pol.n_prompts, pol.horizon, dtype=torch.long)
+    ended = torch.zeros(pol.n_prompts, dtype=torch.bool)
+    for t in range(pol.horizon):
+        best = problem.theta[pol.prefix_ids(prompts, tokens)[:, t]].argmax(dim=-1)
+        if pol.eos_token is not None:
+            best = torch.where(ended, torch.full_like(best, pol.eos_token), best)
+            ended = ended | (best == pol.eos_token)
+        tokens[:, t] = best
+    return problem.reward_of(prompts, tokens)[prompt_ids]
 
 
 def aggregation_rescale(mode: str, normaliser: float, batch_size: int, horizon: int) -> float:
@@ -265,18 +291,21 @@ def _advantages(
     ref_logp: Tensor,
     values: Tensor | None,
     knobs: Any,
+    extra: dict[str, Tensor],
 ) -> Tensor:
-    """Advantages of every batch by the online loop's own score stage (core.score.score_rollouts),
-    one call per batch m when the estimator's baseline is a batch statistic."""
+    """Advantages of every batch by the online loop's own score stage (core.score.score_rollouts:
+    per-token rewards with the KL, the estimator, then whitening), one call per batch m where a
+    batch statistic is involved. extra: the estimator's further inputs, [M*B] per row."""
     rewards = batches.rewards.to(torch.float64)
 
     def score(rows: slice) -> Tensor:
         v = None if values is None else values[rows]
         return score_rollouts(rewards[rows], batches.mask[rows], batches.group_ids[rows],
                               knobs.advantage, knobs.loss, behaviour_logp=logp[rows],
-                              ref_logp=ref_logp[rows], values=v, advantage_fn=fn).advantages
+                              ref_logp=ref_logp[rows], values=v, advantage_fn=fn,
+                              extra_inputs={k: x[rows] for k, x in extra.items()}).advantages
 
-    if not batch_level:
+    if not batch_level and getattr(knobs.advantage, "whiten", "none") == "none":
         return score(slice(None))
     b = batches.batch_size
     out = torch.empty_like(batches.mask, dtype=torch.float64)
@@ -336,7 +365,11 @@ def per_batch_gradients(
         values = critic[pol.prefix_ids(batches.prompt_ids, batches.tokens)] * mask
     elif estimator == "gae" and advantage_fn is ADVANTAGE_ESTIMATORS.get("gae"):
         raise ValueError("estimator 'gae' needs a critic [n_prefixes] (see exact_critic)")
-    adv = _advantages(advantage_fn, batch_level, batches, logp, ref_logp, values, knobs)
+    extra = {}
+    spec = ESTIMATORS.get(estimator)
+    if spec is not None and "baseline_rewards" in spec.inputs:
+        extra["baseline_rewards"] = greedy_rewards(problem, batches.prompt_ids)
+    adv = _advantages(advantage_fn, batch_level, batches, logp, ref_logp, values, knobs, extra)
 
     mode = loss_knobs.aggregation
     constant = getattr(loss_knobs, "constant_normaliser", None)
@@ -566,7 +599,12 @@ def estimate(
     if isinstance(scale, str):
         if scale != "known":
             raise ValueError(f"scale must be 'known', a float or None, got {scale!r}")
-        scale = baseline_scale(knobs.advantage.estimator, batches.group_size, batches.batch_size)
+        scale = baseline_scale(
+            knobs.advantage.estimator,
+            batches.group_size,
+            batches.batch_size,
+            getattr(knobs.advantage, "whiten", "none"),
+        )
         if knobs.loss.aggregation == "seq_mean_token_mean" and not batches.fixed_length:
             scale = None
     targets = exact_targets(problem, knobs.loss)

@@ -225,12 +225,14 @@ def test_gae_detaches_values():
 def test_every_estimator_shares_one_signature_and_zeros_padding():
     assert set(ADVANTAGE_ESTIMATORS) == {
         "none", "batch_mean", "batch_whiten", "group_mean", "group_mean_std", "leave_one_out", "gae",
+        "remax", "gpg", "opo", "grpo_passk", "grpo_passk_std",
     }
     tr, mask = terminal([1.0, 0.0, 0.5, 2.0], [3, 1, 2, 3])
     values = torch.full_like(tr, 0.25)
     g = torch.tensor([0, 0, 1, 1])
     for name, fn in ADVANTAGE_ESTIMATORS.items():
-        adv, ret = fn(tr, mask, g, values, gamma=1.0, lam=0.9, eps=1e-6)
+        extra = {"baseline_rewards": torch.ones(4, dtype=D)} if name == "remax" else {}
+        adv, ret = fn(tr, mask, g, values, gamma=1.0, lam=0.9, eps=1e-6, **extra)
         assert adv.shape == ret.shape == tr.shape, name
         assert adv.dtype == D, name
         assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all(), name

@@ -30,7 +30,9 @@ def grad_wrt_log_pi(rule, ratios=RATIOS, adv=ADV, **kw):
 
 
 def test_rule_names():
-    assert set(CLIP_RULES) == {"none", "symmetric", "asymmetric", "dual", "cispo"}
+    assert set(CLIP_RULES) == {
+        "none", "symmetric", "asymmetric", "dual", "cispo", "sapo", "gmpo", "clip_cov", "kl_cov",
+    }
 
 
 def test_ppo_clip_zero_gradient_outside_band_on_the_side_the_advantage_selects():

@@ -30,7 +30,9 @@ def test_closed_form_values():
     assert kl_k2(logp, ref).item() == pytest.approx(0.5 * ln2**2, rel=1e-15)
     # rho = log(0.25/0.5) = -ln 2: exp(rho) - rho - 1 = 0.5 + ln 2 - 1
     assert kl_k3(logp, ref).item() == pytest.approx(0.5 + ln2 - 1.0, rel=1e-14)
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+    assert set(KL_ESTIMATORS) == {
+        "k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "low_var_kl+", "k3_ratio",
+    }
     assert kl_estimate(logp, ref, "k3").item() == kl_k3(logp, ref).item()
     with pytest.raises(ValueError, match="kl estimator"):
         kl_estimate(logp, ref, "k4")
@@ -145,3 +147,62 @@ def test_controller_state_round_trip_and_validation():
         AdaptiveKLController(0.1, 1.0, 0)
     f = FixedKLController(0.04)
     assert f.update(100.0, 10) == 0.04
+
+
+# ------------------------------------------------------------- the anchors' further estimators
+def _leaf(x):
+    return torch.tensor(x, dtype=D, requires_grad=True)
+
+
+def test_straight_through_variants_keep_the_value_and_take_k2s_gradient():
+    # d = log pi - log pi_ref = ln 2: values k1 = ln 2, k3 = 0.5 + ln 2 - 1; gradient of k2 = d.
+    ln2 = math.log(2.0)
+    ref = torch.tensor([math.log(0.25)], dtype=D)
+    for name, value in (("k1+", ln2), ("k3+", 0.5 + ln2 - 1.0), ("low_var_kl+", 0.5 + ln2 - 1.0)):
+        logp = _leaf([math.log(0.5)])
+        k = kl_estimate(logp, ref, name)
+        (g,) = torch.autograd.grad(k.sum(), logp)
+        assert k.item() == pytest.approx(value, rel=1e-14), name
+        assert g.item() == pytest.approx(ln2, rel=1e-14), name
+
+
+def test_abs_and_low_var_kl_closed_forms():
+    logp = _leaf([math.log(0.25), -30.0])
+    ref = torch.tensor([math.log(0.5), -5.0], dtype=D)
+    a = kl_estimate(logp, ref, "abs")
+    assert a.tolist() == pytest.approx([math.log(2.0), 25.0], rel=1e-14)
+    # low_var_kl: k3 (rho = ln 2: 2 - ln 2 - 1) and, for rho = 25, e^25 - 26 clamped to 10.
+    low = kl_estimate(logp, ref, "low_var_kl")
+    assert low.tolist() == pytest.approx([1.0 - math.log(2.0), 10.0], rel=1e-14)
+    (g,) = torch.autograd.grad(low.sum(), logp)
+    assert g[1].item() == 0.0  # beyond the clamp: no gradient (verl's torch.clamp)
+
+
+def test_k3_clamp_knob_bounds_value_and_gradient():
+    # pi_ref / pi = e^25: k3 = e^25 - 26 ~ 7.2e10 and its gradient 1 - e^25; clamp 10 stops both.
+    logp = _leaf([-30.0])
+    ref = torch.tensor([-5.0], dtype=D)
+    raw = kl_estimate(logp, ref, "k3")
+    assert raw.item() == pytest.approx(math.exp(25) - 26, rel=1e-12)
+    clamped = kl_estimate(logp, ref, "k3", clamp=10.0)
+    (g,) = torch.autograd.grad(clamped.sum(), logp)
+    assert clamped.item() == 10.0 and g.item() == 0.0
+    with pytest.raises(ValueError, match="clamp"):
+        kl_estimate(logp, ref, "k3", clamp=0.0)
+
+
+def test_k3_ratio_is_trls_importance_corrected_k3():
+    # value: r * k3 with r = pi / pi_old; gradient at r = 1 (on-policy): grad k3 + k3 grad log pi.
+    logp = _leaf([math.log(0.5)])
+    ref = torch.tensor([math.log(0.25)], dtype=D)
+    old = torch.tensor([math.log(0.4)], dtype=D)
+    k = kl_estimate(logp, ref, "k3_ratio", log_ratio=logp - old)
+    k3 = 0.5 + math.log(2.0) - 1.0
+    assert k.item() == pytest.approx(1.25 * k3, rel=1e-14)
+    logp2 = _leaf([math.log(0.5)])
+    k_on = kl_estimate(logp2, ref, "k3_ratio", log_ratio=logp2 - logp2.detach())
+    (g,) = torch.autograd.grad(k_on.sum(), logp2)
+    # d k3 / d logp = 1 - pi_ref/pi = 0.5; plus k3 * 1.
+    assert g.item() == pytest.approx(0.5 + k3, rel=1e-14)
+    # without a ratio (the KL in the reward, at sampling time) it is k3
+    assert kl_estimate(logp, ref, "k3_ratio").item() == pytest.approx(k3, rel=1e-14)

@@ -65,10 +65,17 @@ def test_select_samples_exact_masks():
     assert star.tolist() == [False, True, True, True, False, True, True, True]
     capped = select_samples("rest", rewards, groups, threshold=0.5, top_k=2)
     assert capped.tolist() == [False, True, True, False, False, True, True, False]
-    raft = select_samples("raft", rewards, groups, threshold=99.0, top_k=None)  # top-1, no threshold
+    raft = select_samples("raft", rewards, groups, threshold=0.0, top_k=None)  # top-1
     assert raft.tolist() == [False, True, False, False, False, True, False, False]
     raft2 = select_samples("raft", rewards, groups, threshold=0.0, top_k=3)
     assert raft2.tolist() == [False, True, True, True, False, True, True, True]
+    # RAFT honours reward_threshold (0.95 keeps only group 1's best) ...
+    raft3 = select_samples("raft", rewards, groups, threshold=0.95, top_k=None)
+    assert raft3.tolist() == [False, False, False, False, False, True, False, False]
+    # ... and drops a prompt whose every sample scored 0, whatever the threshold.
+    zeros = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    raft4 = select_samples("raft", zeros, groups, threshold=-1.0, top_k=None)
+    assert raft4.tolist() == [False, False, False, False, False, True, False, False]
 
 
 # ----------------------------------------------------------------------------- loops

@@ -18,15 +18,28 @@ def result(tmp_path_factory):
 
 def test_every_expectation_holds(result):
     assert result["ok"], [r for r in result["rows"] if not r["ok"]]
-    assert len(result["rows"]) == len(gradcheck.KL_SETTINGS) * 9
+    assert len(result["rows"]) == len(gradcheck.KL_SETTINGS) * 10
     cells = {(c["estimator"], c["placement"]): c["verdict"] for c in result["kl_table"]}
     assert cells == {
         ("k1", "reward"): "unbiased",
         ("k3", "reward"): "biased",
         ("k1", "loss"): "zero in expectation",
         ("k3", "loss"): "biased",
+        **gradcheck.KL_VARIANT_CELLS,
     }
+    # The straight-through variants and TRL's ratio-corrected k3 in the loss have the expected
+    # gradient of the per-state reverse KL (k2's), and k3 in the loss the forward KL's.
+    consistent = {(c["estimator"], c["placement"]): c["consistent_with"] for c in result["kl_table"]}
+    for est in ("k1+", "k3+", "low_var_kl+", "k3_ratio"):
+        assert "per-state reverse KL" in consistent[(est, "loss")], est
+    assert "per-state forward KL(ref||pi)" in consistent[("k3", "loss")]
     assert result["variance_order"]["ok"]
+    assert [(e["estimator"], e["verdict"]) for e in result["estimator_table"]] == [
+        (name, want) for name, want, _ in gradcheck.ESTIMATOR_CASES
+    ]
+    assert [(e["clip"], e["verdict"]) for e in result["loss_table"]] == [
+        (rule, want) for rule, _, want, _ in gradcheck.LOSS_CASES
+    ]
     assert [a["verdict"] for a in result["aggregation_table"]] == [
         a[3] for a in gradcheck.AGGREGATION_CASES
     ]
