@@ -624,6 +624,9 @@ class PreferenceConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     ref_refresh_every: int = Field(0, ge=0)
+    # IPO on per-token average log-probs, as TRL computes it (default: the IPO paper's sequence
+    # log-probs).
+    length_normalize: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceConfig:

@@ -64,6 +64,7 @@ from torch import Tensor
 
 from psirl.core.advantages import (
     ADVANTAGE_ESTIMATORS,
+    ESTIMATORS,
     estimator_names,
     reward_to_go,
     sequence_returns,
@@ -332,7 +333,7 @@ def global_step_normaliser(mask: Tensor | Sequence[Tensor], mode: str,
 
 def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group_ids: Tensor,
                       values: Tensor | None = None, *, gamma: float = 1.0,
-                      lam: float = 1.0, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                      lam: float = 1.0, eps: float = 1e-6, **extra) -> tuple[Tensor, Tensor]:
     """``ADVANTAGE_ESTIMATORS[estimator]`` on this rank's rows, with batch statistics taken over
     the global batch. Shapes as core/advantages.py: [B_r, T] in, ([B_r, T], [B_r, T]) out.
 
@@ -347,7 +348,9 @@ def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group
     fn = ADVANTAGE_ESTIMATORS[estimator]
     rank, world_size = world()
     if world_size == 1 or estimator not in BATCH_ESTIMATORS:
-        return fn(token_rewards, mask, group_ids, values, gamma=gamma, lam=lam, eps=eps)
+        if ESTIMATORS[estimator].batch_statistic:  # e.g. GPG's alpha: counted over every rank
+            extra = {**extra, "reduce": all_reduce_sum}
+        return fn(token_rewards, mask, group_ids, values, gamma=gamma, lam=lam, eps=eps, **extra)
     m = mask.to(token_rewards.dtype)
     totals = all_gather_rows(sequence_returns(reward_to_go(token_rewards, m, gamma), m))
 

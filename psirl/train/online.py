@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from psirl.algorithms import OnlineKnobs
+from psirl.core.advantages import ESTIMATORS
 from psirl.core.filters import dynamic_sampling_keep, zero_signal_groups
 from psirl.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from psirl.core.masking import masked_mean
@@ -307,7 +308,8 @@ def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, f
         if ref_logp is not None:
             # kl/mean: k1 summed over each sequence (an unbiased sequence-KL estimate), averaged.
             metrics["kl/mean"] = float(((old_logp - ref_logp) * mask).sum(dim=1).mean())
-            kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator)
+            kl_tokens = kl_estimate(old_logp, ref_logp, knobs.loss.kl_estimator,
+                                    clamp=knobs.loss.kl_clamp)
             metrics[f"kl/{knobs.loss.kl_estimator}_token_mean"] = float(masked_mean(kl_tokens, mask))
         old_values = None
         if run.value_model is not None:
@@ -317,8 +319,34 @@ def score(run: OnlineRun, rollouts: ScoredRollouts) -> tuple[Scored, dict[str, f
             rollouts.rewards.to(mask.device), mask, batch.group_ids, knobs.advantage, knobs.loss,
             behaviour_logp=old_logp, ref_logp=ref_logp, values=old_values, kl_coef=beta,
             advantage_fn=functools.partial(global_advantages, knobs.advantage.estimator),
-            turn_rewards=batch.token_rewards)
+            turn_rewards=batch.token_rewards, extra_inputs=_estimator_inputs(run, rollouts),
+            reduce=all_reduce_sum)
     return Scored(old_logp, ref_logp, old_values, scores, beta, is_weights), metrics
+
+
+def _estimator_inputs(run: OnlineRun, rollouts: ScoredRollouts) -> dict[str, torch.Tensor]:
+    """Further inputs the advantage estimator declares (core.advantages.ESTIMATORS[...].inputs).
+
+    baseline_rewards (ReMax): the reward of each prompt's greedy completion, decoded with the
+    current policy before the update and scored by the run's reward, expanded to the rows [B].
+    """
+    spec = ESTIMATORS[run.knobs.advantage.estimator]
+    out: dict[str, torch.Tensor] = {}
+    if "baseline_rewards" in spec.inputs:
+        group_ids = rollouts.batch.group_ids
+        first: dict[int, int] = {}
+        for row, g in enumerate(group_ids.tolist()):
+            first.setdefault(g, row)
+        records = [rollouts.records[first[g]] for g in range(len(first))]
+        greedy = run.sampler.sample(records, SamplingParams(
+            temperature=0.0, max_new_tokens=run.knobs.sampling.max_new_tokens, n=1, seed=0))
+        per_group = greedy.rewards.to(group_ids.device)
+        out["baseline_rewards"] = per_group[group_ids].to(rollouts.batch.completion_mask.dtype)
+    unknown = set(spec.inputs) - set(out) - {"values"}  # values: the critic, passed apart
+    if unknown:
+        raise ValueError(f"advantage.estimator {run.knobs.advantage.estimator!r} needs "
+                         f"{sorted(unknown)}, which the online loop does not provide")
+    return out
 
 
 def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,

@@ -182,9 +182,13 @@ def build_self_training(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
                                   [s["completion_ids"] for s in kept],
                                   pad_id=tokenizer.pad_token_id, grad_accum=optim.grad_accum,
                                   grad_clip=optim.grad_clip))
+        groups = {s["group"] for s in samples}
         metrics.update({
             "self_training/samples": float(len(samples)),
             "self_training/kept": float(len(kept)),
+            # prompts none of whose samples was kept (RAFT: every sample scored 0 or below
+            # the threshold), so they contribute nothing this step
+            "self_training/dropped_prompts": float(len(groups - {s["group"] for s in kept})),
             "self_training/threshold": float(threshold),
         })
         if st.method == "star":

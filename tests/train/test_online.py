@@ -173,3 +173,31 @@ def test_resume_after_a_reference_reset_matches_uninterrupted(tiny_dir, tmp_path
     assert metrics_differences(full, resumed) == []
     kls = [r["kl/mean"] for r in read_metrics(resumed)]
     assert any(k != 0 for k in kls)  # the KL term is live, so a wrong reference would show
+
+
+def test_remax_uses_the_greedy_completion_reward_as_baseline(tiny_dir, tmp_path, monkeypatch):
+    """advantage.estimator: remax decodes each prompt greedily with the current policy and scores
+    it: A_i = R_i - R(greedy of prompt i) on every token of row i."""
+    from psirl.train import online
+
+    seen = {}
+    original = online.score_rollouts
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["baseline"] = kwargs["extra_inputs"]["baseline_rewards"]
+        seen["rewards"], seen["advantages"], seen["mask"] = args[0], out.advantages, args[1]
+        return out
+
+    monkeypatch.setattr(online, "score_rollouts", spy)
+    cfg = online_config(tiny_dir, tmp_path / "remax", "reinforce", max_steps=1,
+                        reward={"kind": "format", "pattern": "^[0-4]"},
+                        algorithm={"preset": "reinforce", "knobs": {
+                            "advantage": {"estimator": "remax"},
+                            "sampling": {"group_size": 4, "max_new_tokens": 3}}})
+    run_config(cfg, quiet=True)
+    baseline, rewards = seen["baseline"], seen["rewards"]
+    assert baseline.shape == rewards.shape
+    assert set(baseline.tolist()) <= {0.0, 1.0}  # a reward of the format verifier
+    expected = (rewards - baseline).unsqueeze(1) * seen["mask"]
+    assert torch.allclose(seen["advantages"], expected)
