@@ -725,13 +725,12 @@ def usable_cpus() -> int:
 
 def set_cpu_threads(threads: int | None) -> int:
     """Set torch's intra-op CPU threads to `threads`, or (None) to the CPUs the process may use
-    that are not already busy (minus the 1-minute load average, at least 1): on a shared machine
-    a thread per core spins against the other jobs (benchmarks/threads_under_load.py: 3 GRPO steps
-    took a median 8.4 s with 1 thread and 30.8 s with 2 at load 6-14 on 2 cores). Returns it."""
-    if threads is None:
-        busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-        threads = max(1, usable_cpus() - busy)
-    n = threads
+    (torch's own default counts the machine's cores, more than a container or CI runner may
+    get). Not chosen from the current load: the thread count changes float summation order, so a
+    load-dependent choice would make a resumed run differ from an uninterrupted one. On a busy
+    shared machine set `threads: 1` (benchmarks/threads_under_load.py: 3 GRPO steps took a median
+    8.4 s with 1 thread and 30.8 s with 2 at load 6-14 on 2 cores). Returns the number."""
+    n = threads or usable_cpus()
     torch.set_num_threads(n)
     return n
 
