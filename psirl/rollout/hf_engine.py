@@ -87,14 +87,7 @@ class HFEngine:
         self._static: dict = {}
         self._compiled_step = None
         self.version = 0
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        if pad is None:
-            raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id for padding")
-        self.pad_token_id = int(pad)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
-        self._adds_bos = _tokenizer_adds_bos(tokenizer)
+        self.pad_token_id, self.eos_token_ids, self._adds_bos = special_tokens(model, tokenizer)
 
     def sync(self, model: nn.Module) -> None:
         """Record a new policy version. The HF engine samples from the trainer's own model object,
@@ -587,3 +580,12 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 def engine_from_config(config, model: nn.Module, tokenizer) -> HFEngine:
     """`rollout.engine: hf`: sample with the trainer's own module (no weight copies)."""
     return HFEngine(model, tokenizer)
+
+
+def special_tokens(model: nn.Module, tokenizer) -> tuple[int, list[int], bool]:
+    """(pad id, EOS ids, whether the tokenizer prepends BOS): what every engine needs to lay out
+    prompts and end completions the same way (pad falls back to EOS)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id for padding")
+    return int(pad), _eos_ids(model, tokenizer), _tokenizer_adds_bos(tokenizer)

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..models.backbone import unwrap_peft
 from .batch import RolloutBatch, SamplingParams
-from .hf_engine import HFEngine, _eos_ids, _tokenizer_adds_bos
+from .hf_engine import HFEngine, special_tokens
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,14 +92,7 @@ class VLLMEngine:
 
         self.tokenizer = tokenizer
         self.dtype = _DTYPES[dtype]
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        if pad is None:
-            raise ValueError("tokenizer: needs a pad_token_id or an eos_token_id for padding")
-        self.pad_token_id = int(pad)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
-        self._adds_bos = _tokenizer_adds_bos(tokenizer)
+        self.pad_token_id, self.eos_token_ids, self._adds_bos = special_tokens(model, tokenizer)
         self.max_model_len = max_model_len
         self.version = 0
         self._model = model  # pushed again at the first generate (see generate)

@@ -365,12 +365,19 @@ def save_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last: int = 2
         tmp / "trainer_state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({"step": step, "loop": spec.get_state()}))
+    return commit_checkpoint(tmp, final, run_dir, keep_last)
+
+
+def commit_checkpoint(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> Path:
+    """Make a fully written temp checkpoint folder the checkpoint: checksums of its files,
+    fsync, rename over `final`, then drop all but the newest `keep_last` checkpoints (only
+    complete, finite checkpoints are ever renamed into place, so this keeps the last good one)."""
     write_checksums(tmp)
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    _fsync_dir(final.parent)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -22,7 +22,6 @@ gathered one tensor at a time into rank 0's host memory, which writes it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -31,11 +30,9 @@ import torch
 from psirl.train.base import (
     CHECKPOINT_DIR,
     LoopSpec,
-    _fsync_dir,
-    _fsync_tree,
     _rng_state,
     _set_rng_state,
-    list_checkpoints,
+    commit_checkpoint,
 )
 from psirl.train.distributed import barrier, world
 
@@ -92,13 +89,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, spec: LoopSpec, keep_last:
                    tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "loop": spec.get_state(),
                                                     "format": "dcp"}))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(tmp, final, Path(run_dir), keep_last)
     barrier()
     return final
 
