@@ -149,12 +149,15 @@ def demo(
 @app.command()
 def algorithms(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Print the method matrix: every preset as values of the same knobs."""
-    from psirl.algorithms import knobs_to_dict, method_matrix, resolve_preset
+    from psirl.algorithms import knob_catalog, knobs_to_dict, method_matrix, resolve_preset
 
     rows = method_matrix()
-    if as_json:  # with every preset's resolved knob values (what a config can override)
+    if as_json:
+        # presets: the matrix with every preset's resolved knob values (what a config can
+        # override); catalog: every value each knob takes (estimators with their properties,
+        # KL estimators, clip rules, aggregations, ...) and the preference losses.
         rows = [{**row, "knobs": knobs_to_dict(resolve_preset(row["method"]))} for row in rows]
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"presets": rows, "catalog": knob_catalog()}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table

@@ -22,7 +22,10 @@ def invoke(*args: str):
 def test_algorithms_json_lists_the_nine_presets():
     result = invoke("algorithms", "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    out = json.loads(result.output)
+    rows = out["presets"]
+    assert {"remax", "gpg", "opo", "grpo_passk"} <= set(out["catalog"]["advantage_estimators"])
+    assert {"hinge", "robust", "ipo", "kto"} <= set(out["catalog"]["preference_losses"])
     assert [row["method"] for row in rows] == [
         "reinforce", "reinforce_pp", "reinforce_pp_baseline", "rloo", "ppo", "grpo", "dr_grpo",
         "dapo", "gspo", "cispo"]

@@ -627,6 +627,22 @@ class PreferenceConfig(_Section):
     # IPO on per-token average log-probs, as TRL computes it (default: the IPO paper's sequence
     # log-probs).
     length_normalize: bool = False
+    # loss: dpo with another of TRL's DPO loss types (core.preference.DPO_LOSS_TYPES: robust,
+    # hinge, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+    # discopop), or f-DPO's divergence (reverse_kl = DPO, forward_kl, js_divergence,
+    # alpha_divergence with f_alpha). bco_pair's delta is 0 here (TRL keeps a running mean).
+    dpo_loss_type: str = "sigmoid"
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha: float = Field(1.0, gt=0)
+
+    @field_validator("dpo_loss_type")
+    @classmethod
+    def _known_dpo_loss(cls, v: str) -> str:
+        from psirl.core.preference import DPO_LOSS_TYPES
+
+        if v not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss type {v!r}; known: {', '.join(DPO_LOSS_TYPES)}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> PreferenceConfig:

@@ -25,6 +25,7 @@ import torch
 
 from psirl.core.preference import (
     average_logps,
+    dpo_family_loss,
     dpo_loss,
     implicit_rewards,
     ipo_loss,
@@ -114,7 +115,12 @@ def pair_loss(pcfg, pol_w, pol_l, ref_w, ref_l, len_w, len_l):
     if pcfg.label_smoothing > 0 and name not in LABEL_SMOOTHED:
         raise ValueError(f"preference.label_smoothing: {pcfg.label_smoothing} is not defined for "
                          f"loss {name!r} (only {', '.join(LABEL_SMOOTHED)}); set it to 0")
-    if name == "dpo":
+    if name == "dpo" and (getattr(pcfg, "dpo_loss_type", "sigmoid") != "sigmoid"
+                          or getattr(pcfg, "f_divergence", "reverse_kl") != "reverse_kl"):
+        loss = dpo_family_loss(pcfg.dpo_loss_type, pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta,
+                               label_smoothing=pcfg.label_smoothing,
+                               f_divergence=pcfg.f_divergence, alpha=pcfg.f_alpha)
+    elif name == "dpo":
         loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=pcfg.beta,
                         label_smoothing=pcfg.label_smoothing)
     elif name == "ipo":

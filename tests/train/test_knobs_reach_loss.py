@@ -82,7 +82,7 @@ def _all_knob_fields() -> set[tuple[str, str]]:
 
     from psirl.cli import app  # the fields as `psirl algorithms --json` lists them
 
-    rows = json.loads(CliRunner().invoke(app, ["algorithms", "--json"]).stdout)
+    rows = json.loads(CliRunner().invoke(app, ["algorithms", "--json"]).stdout)["presets"]
     return {(section, name) for row in rows for section, fields in row["knobs"].items()
             for name in fields}
 

@@ -164,3 +164,30 @@ def test_micro_batches_give_the_full_batch_step(tmp_path, tiny_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     for a, b in zip(p1, p2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type, f_div", [("hinge", "reverse_kl"), ("sigmoid", "js_divergence")])
+def test_trl_dpo_loss_types_train_through_the_preference_loop(loss_type, f_div, tmp_path):
+    """preference.dpo_loss_type / f_divergence reach the loss: on the first step (policy =
+    reference, every margin 0) the loss takes the type's closed form and differs from DPO's."""
+    import json
+
+    from psirl.train import run_config
+
+    losses = {}
+    for name, lt, fd in (("dpo", "sigmoid", "reverse_kl"), ("alt", loss_type, f_div)):
+        cfg = config_from_dict({
+            "loop": "preference", "output_dir": str(tmp_path / name), "seed": 0,
+            "device": "cpu", "model": {"tiny": {"hidden_size": 32, "num_layers": 1,
+                                                "intermediate_size": 64}},
+            "data": {"task": "addition", "task_kwargs": {"digits": 1}, "n_train": 64},
+            "preference": {"loss": "dpo", "beta": 0.5, "dpo_loss_type": lt, "f_divergence": fd},
+            "max_steps": 2,
+            "optim": {"lr": 1e-3, "batch_size": 8}, "checkpoint": {"every": 0}})
+        run = run_config(cfg, quiet=True)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if "loss" in r]
+    assert losses["dpo"][0] == pytest.approx(math.log(2), abs=1e-5)  # -log sigmoid(0)
+    if loss_type == "hinge":  # at the start h = 0 (policy = reference): max(0, 1 - 0) = 1
+        assert losses["alt"][0] == pytest.approx(1.0, abs=1e-5)
+    assert losses["alt"][1] != pytest.approx(losses["dpo"][1], rel=1e-4)
