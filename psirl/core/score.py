@@ -4,6 +4,7 @@
     r_{i,t} = R_i [t = last_i] - beta * k_{i,t}                      (reward_token)
     r_{i,t} = R_i [t = last_i] - beta * [t = last_i] sum_s k_{i,s}   (reward_sequence)
     (A, G)  = estimator(r, mask, group_ids, values; gamma, lam, eps)
+    A      <- whiten(A) over the batch or each group (adv_knobs.whiten; "none" leaves A)
 
 with k the KL estimator of the loss knobs on the behaviour log-probs against the reference
 (detached: a KL in the reward is a reward, ../shared/reference/001_dd55e9af3bef0bfc.txt). The
