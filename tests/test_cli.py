@@ -25,7 +25,9 @@ def test_algorithms_json_lists_the_nine_presets():
     out = json.loads(result.output)
     rows = out["presets"]
     assert {"remax", "gpg", "opo", "grpo_passk"} <= set(out["catalog"]["advantage_estimators"])
-    assert {"hinge", "robust", "ipo", "kto"} <= set(out["catalog"]["preference_losses"])
+    losses = out["catalog"]["preference_losses"]
+    assert {"hinge", "robust", "bco_pair", "discopop"} <= set(losses["dpo_loss_types"])
+    assert set(losses["loop"]) == {"dpo", "ipo", "kto", "simpo", "orpo"}
     assert [row["method"] for row in rows] == [
         "reinforce", "reinforce_pp", "reinforce_pp_baseline", "rloo", "ppo", "grpo", "dr_grpo",
         "dapo", "gspo", "cispo"]

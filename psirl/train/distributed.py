@@ -53,6 +53,8 @@ full-batch gradient"); ../shared/reference/002_51bc6b7a5ef2c181.txt (length norm
 from __future__ import annotations
 
 import atexit
+import contextlib
+import datetime
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,7 +139,13 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
 
 
 def _destroy() -> None:
+    """At exit: every rank reaches this point before any tears its process group down (a rank
+    destroying gloo's pairs while a peer still uses them can abort the peer at exit)."""
     if dist.is_available() and dist.is_initialized():
+        # Bounded: a rank leaving on an error must not wait for peers stuck in a collective.
+        with contextlib.suppress(Exception):
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
         dist.destroy_process_group()
 
 
