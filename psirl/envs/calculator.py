@@ -91,7 +91,31 @@ def final_answer_reward(turn: str, record: dict[str, Any]) -> float:
     return float(bool(lines) and lines[0].strip() == str(record["answer"]).strip())
 
 
-class CalculatorEnv:
+class ToolCallEnv:
+    """The shared turn logic of the tool environments: a turn with a tool call (``self._call``
+    matches) gets the tool's observation (``call``); a turn without one is the final answer,
+    scored by ``final_answer_reward`` against the record, and ends the episode."""
+
+    _call: re.Pattern
+    record: dict[str, Any]
+
+    def reset(self, record: dict[str, Any]) -> str:
+        self.record = record
+        return record["prompt"]
+
+    def step(self, turn: str) -> EnvStep:
+        match = self._call.search(turn)
+        if match is None:
+            correct = final_answer_reward(turn, self.record)
+            return EnvStep(reward=correct, done=True,
+                           metrics={"tool_call": 0.0, "correct": correct})
+        return self.call(match)
+
+    def call(self, match: re.Match) -> EnvStep:
+        raise NotImplementedError
+
+
+class CalculatorEnv(ToolCallEnv):
     """Multi-step arithmetic with a calculator tool (see the module docstring).
 
     open_tag / close_tag: the call syntax (default ``<calc>`` ... ``</calc>``; the close tag is a
@@ -115,16 +139,7 @@ class CalculatorEnv:
                                 re.DOTALL)
         self.record: dict[str, Any] = {}
 
-    def reset(self, record: dict[str, Any]) -> str:
-        self.record = record
-        return record["prompt"]
-
-    def step(self, turn: str) -> EnvStep:
-        match = self._call.search(turn)
-        if match is None:
-            correct = final_answer_reward(turn, self.record)
-            return EnvStep(reward=correct, done=True,
-                           metrics={"tool_call": 0.0, "correct": correct})
+    def call(self, match: re.Match) -> EnvStep:
         try:
             value, ok = format_number(safe_eval(match.group(1))), 1.0
         except ValueError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from psirl.envs.calculator import final_answer_reward, format_number, safe_eval
+from psirl.envs.calculator import ToolCallEnv, format_number, safe_eval
 from psirl.rollout.episode import EnvStep
 
 # The program's prints go to stderr, whose tail is what run_in_sandbox returns.
@@ -39,7 +39,7 @@ def run_python(code: str, wall_time_s: float = 5.0, max_output_chars: int = 500)
     return output.strip()[-max_output_chars:], ok
 
 
-class PythonToolEnv:
+class PythonToolEnv(ToolCallEnv):
     """Tool calls in the form ``<tool>NAME: ARGUMENT</tool>``, NAME in ``tools``.
 
     tools: which tools are offered ("python", "calc"); wall_time_s / max_output_chars: the
@@ -65,16 +65,7 @@ class PythonToolEnv:
         self._call = re.compile(r"<tool>\s*(\w+)\s*:(.*?)(?:</tool>|$)", re.DOTALL)
         self.record: dict[str, Any] = {}
 
-    def reset(self, record: dict[str, Any]) -> str:
-        self.record = record
-        return record["prompt"]
-
-    def step(self, turn: str) -> EnvStep:
-        match = self._call.search(turn)
-        if match is None:
-            correct = final_answer_reward(turn, self.record)
-            return EnvStep(reward=correct, done=True,
-                           metrics={"tool_call": 0.0, "correct": correct})
+    def call(self, match: re.Match) -> EnvStep:
         name, argument = match.group(1), match.group(2).strip()
         if name not in self.tools:
             output, ok = f"unknown tool {name!r}; tools: {', '.join(self.tools)}", False
