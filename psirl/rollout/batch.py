@@ -163,6 +163,14 @@ class RolloutBatch:
         """T, the number of completion columns."""
         return self.input_ids.shape[1] - self.prompt_len
 
+    def group_first_rows(self) -> list[int]:
+        """Row index of each group's first row, for groups 0 .. n_groups-1 (what a per-prompt
+        quantity, e.g. the prompt's ids or record, is read from)."""
+        first: dict[int, int] = {}
+        for row, g in enumerate(self.group_ids.tolist()):
+            first.setdefault(g, row)
+        return [first[g] for g in range(len(first))]
+
     def select(self, indices: Sequence[int] | torch.Tensor) -> RolloutBatch:
         """Rows ``indices`` (ints, an int64 tensor, or a [B] bool mask), same P and T.
 

@@ -179,10 +179,11 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
                     records=records, task=task, ref_model=ref_model, value_model=value_model,
                     params=params, value_params=value_params, optimizers=optimizers,
                     schedulers=schedulers, kl_ctl=kl_ctl)
-    evaluate = evaluator_from_config(config, model, tokenizer, task, engine=sampler.engine,
-                                     max_new_tokens=sampling.max_new_tokens)
-    if config.env is not None and config.eval.every > 0:
+    if config.env is not None:  # held-out success of whole episodes
         evaluate = _episode_evaluator(config, sampler, task, sampling.max_new_tokens)
+    else:
+        evaluate = evaluator_from_config(config, model, tokenizer, task, engine=sampler.engine,
+                                         max_new_tokens=sampling.max_new_tokens)
     return LoopSpec(
         models=models, tokenizer=tokenizer, optimizers=optimizers, schedulers=schedulers,
         step=lambda step_index, generator: online_step(run, step_index, generator),
@@ -334,10 +335,7 @@ def _estimator_inputs(run: OnlineRun, rollouts: ScoredRollouts) -> dict[str, tor
     out: dict[str, torch.Tensor] = {}
     if "baseline_rewards" in spec.inputs:
         group_ids = rollouts.batch.group_ids
-        first: dict[int, int] = {}
-        for row, g in enumerate(group_ids.tolist()):
-            first.setdefault(g, row)
-        records = [rollouts.records[first[g]] for g in range(len(first))]
+        records = [rollouts.records[row] for row in rollouts.batch.group_first_rows()]
         greedy = run.sampler.sample(records, SamplingParams(
             temperature=0.0, max_new_tokens=run.knobs.sampling.max_new_tokens, n=1, seed=0))
         per_group = greedy.rewards.to(group_ids.device)

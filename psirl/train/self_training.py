@@ -98,10 +98,7 @@ def _group_prompt_ids(batch) -> list[list[int]]:
     """The prompt ids the engine encoded for each group (its first row), without padding."""
     from psirl.train.preference_online import row_token_ids
 
-    first: dict[int, int] = {}
-    for row, g in enumerate(batch.group_ids.tolist()):
-        first.setdefault(g, row)
-    return [row_token_ids(batch, first[g])[0] for g in range(len(first))]
+    return [row_token_ids(batch, row)[0] for row in batch.group_first_rows()]
 
 
 def grow(sampler, records: list[dict], st, seed: int):
