@@ -100,8 +100,3 @@ class Sampler:
     def sync(self, model) -> None:
         """Push the trainer's current weights to the engine."""
         self.engine.sync(model)
-
-    def reward_metrics(self) -> dict[str, float]:
-        """The reward's own metrics (failure counts, components), if it has any."""
-        metrics = getattr(self.reward_fn, "metrics", None)
-        return dict(metrics()) if callable(metrics) else {}

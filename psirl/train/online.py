@@ -30,6 +30,7 @@ from psirl.core.offpolicy import mismatch_metrics, truncated_is_weights
 from psirl.core.score import Scores, score_rollouts
 from psirl.core.value import clipped_value_loss, explained_variance, value_clip_fraction
 from psirl.models.logprobs import token_logprobs
+from psirl.rewards.base import reward_metrics
 from psirl.rollout.batch import RolloutBatch, SamplingParams
 from psirl.rollout.sampler import Sampler, ScoredRollouts
 from psirl.train.base import (
@@ -409,7 +410,7 @@ def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> 
     metrics = dict(collected.metrics)
     t_gen = time.perf_counter()
     metrics["time/generate_s"] = t_gen - t0
-    metrics.update(run.sampler.reward_metrics())
+    metrics.update(reward_metrics(run.sampler.reward_fn))
     if any_rank(collected.rollouts is None):  # data-parallel: all ranks skip if one has nothing
         metrics["sampling/skipped_step"] = 1.0
         return reduce_metrics(metrics, weight=1.0)
