@@ -5,7 +5,7 @@ its record with a deterministic verifier (1.0 correct, 0.0 otherwise — the "ve
 reward source of ../shared/reference/003_e8bd019fa090e190.txt), and makes SFT examples
 ``{"prompt", "completion"}`` for a warm start.
 
-- ``AdditionTask(digits=2)``: ``"23+58="`` -> ``"81"``.
+- ``AdditionTask(digits=2, terms=2)``: ``"23+58="`` -> ``"81"`` (``terms=3``: ``"23+58+7="``).
 - ``CountdownTask(n_numbers=3, max_number=9)``: ``"7 3 2>17:"`` -> an expression such as
   ``"7*2+3"`` over the given numbers (each at most once) with + - * / and parentheses that equals
   the target. Every instance is built from a random expression, so it is solvable by construction
@@ -111,25 +111,31 @@ class Task:
 
 
 class AdditionTask(Task):
-    """``"a+b="`` -> ``str(a+b)`` with ``a, b`` uniform in ``[0, 10**digits)``.
+    """``"a+b="`` -> ``str(a+b)`` with ``a, b`` uniform in ``[0, 10**digits)``; with ``terms=k``
+    the prompt sums ``k`` such numbers (``"a+b+c="``), e.g. a task a tiny model cannot do in its
+    head but can with a calculator (psirl/envs/calculator.py).
 
-    reward = 1.0 iff first_answer_line(completion) == str(a + b) (no leading zeros, no spaces).
+    reward = 1.0 iff first_answer_line(completion) == str(sum) (no leading zeros, no spaces).
     """
 
     name = "addition"
 
-    def __init__(self, digits: int = 2):
+    def __init__(self, digits: int = 2, terms: int = 2):
         if not 1 <= digits <= 18:
             raise ValueError(f"digits: must be in [1, 18], got {digits}")
+        if not 2 <= terms <= 10:
+            raise ValueError(f"terms: must be in [2, 10], got {terms}")
         self.digits = digits
+        self.terms = terms
 
     def _params(self) -> str:
-        return f"digits={self.digits}"
+        # terms=2 keeps the string (and so every problem drawn) of the two-term task it was.
+        return f"digits={self.digits}" + (f",terms={self.terms}" if self.terms != 2 else "")
 
     def _sample(self, rng: random.Random) -> dict[str, Any]:
-        a = rng.randrange(10**self.digits)
-        b = rng.randrange(10**self.digits)
-        return {"prompt": f"{a}+{b}=", "answer": str(a + b), "task": self.name}
+        numbers = [rng.randrange(10**self.digits) for _ in range(self.terms)]
+        return {"prompt": "+".join(map(str, numbers)) + "=", "answer": str(sum(numbers)),
+                "task": self.name}
 
     def reward(self, completion: str, record: dict[str, Any]) -> float:
         _require(record, "answer")

@@ -48,6 +48,37 @@ def build_env_factory(name: str, kwargs: dict[str, Any] | None = None) -> Callab
     return lambda: cls(**kwargs)
 
 
+def demonstration_examples(env_config, records, share: float = 1.0) -> list[dict[str, Any]]:
+    """SFT examples ``{"prompt", "segments"}`` for ``records``: ``segments`` is a list of
+    (text, written_by_model) pairs; the SFT loop trains on the model's segments only.
+
+    The first ``round(share * len(records))`` records get the environment's oracle episode,
+    ``env.demonstration(record)`` (e.g. CalculatorEnv: the tool call, the observation, the
+    answer); the rest get the plain answer ``[(record["answer"], True)]`` (no tool call).
+    ValueError naming ``env.name`` when a demonstration is needed and the environment has no
+    ``demonstration`` method; naming the record when a plain answer has no ``answer`` field.
+    """
+    make_env = build_env_factory(env_config.name, env_config.kwargs)
+    n_demos = round(share * len(records))
+    if n_demos and not callable(getattr(make_env(), "demonstration", None)):
+        raise ValueError(f"env.name: {env_config.name!r} has no demonstration(record) method, "
+                         f"so the SFT loop cannot make examples from it (remove env: from the "
+                         f"SFT config, or give data.train_path)")
+    examples = []
+    for i, record in enumerate(records):
+        env = make_env()
+        prompt = env.reset(record)
+        if i < n_demos:
+            segments = list(env.demonstration(record))
+        elif "answer" in record:
+            segments = [(str(record["answer"]).strip(), True)]
+        else:
+            raise ValueError(f"record {i + 1}: field 'answer': missing (a plain-answer example, "
+                             f"sft.demonstration_share < 1, needs it)")
+        examples.append({"prompt": prompt, "segments": segments})
+    return examples
+
+
 def run_env_episodes(env_config, engine, records, params):
     """``run_episodes`` with the settings of a config's ``env`` section (EnvConfig): the call
     the online loop makes instead of ``engine.generate`` when ``config.env`` is set."""
@@ -94,3 +125,29 @@ def evaluate_env(env_config, engine, records, max_new_tokens: int, *, seed: int 
     out.update({f"eval/env_{k[4:]}": v for k, v in episodes.metrics.items()
                 if k.startswith("env/")})
     return out
+
+
+def episode_evaluator(config, engine_of, records, max_new_tokens: int):
+    """The evaluate(step_index) of a run with an ``env:`` section: held-out success of whole
+    episodes on ``records`` (evaluate_env), greedy (eval/env_*) when ``eval.greedy`` and
+    sampled at temperature 1 (eval/env_*_sampled, seeded by config.seed) when ``eval.sampled``.
+
+    engine_of(): the engine to run, synced with the policy (a function, so a loop without an
+    engine of its own, SFT, builds one only when it evaluates). None when there are no records.
+    """
+    if not records:
+        return None
+
+    def evaluate(step_index: int) -> dict[str, float]:
+        engine = engine_of()
+        out: dict[str, float] = {}
+        if config.eval.greedy:
+            out.update(evaluate_env(config.env, engine, records, max_new_tokens,
+                                    seed=config.seed, greedy=True))
+        if config.eval.sampled:
+            sampled = evaluate_env(config.env, engine, records, max_new_tokens,
+                                   seed=config.seed, greedy=False)
+            out.update({f"{k}_sampled": v for k, v in sampled.items()})
+        return out
+
+    return evaluate

@@ -139,6 +139,30 @@ class CalculatorEnv(ToolCallEnv):
                                 re.DOTALL)
         self.record: dict[str, Any] = {}
 
+    def demonstration(self, record: dict[str, Any]) -> list[tuple[str, bool]]:
+        """The oracle episode on ``record`` as (text, written_by_model) segments, for an SFT
+        cold start on tool use (train/sft.py with an ``env:`` section):
+
+            [("<calc>12+34</calc>", True), ("<result>46</result>", False), ("46", True)]
+
+        The expression is ``record["expression"]``, else the prompt without its trailing "="
+        (the built-in ``addition`` task's "12+34="). ValueError (naming the record's prompt) when
+        the calculator's value of it is not ``record["answer"]``: the demonstration would teach
+        a wrong answer. The segments are the turns ``run_episodes`` would hold, the model's final
+        turn without its EOS (the SFT loop appends it).
+        """
+        if "answer" not in record:
+            raise KeyError("record: a demonstration needs an 'answer' field")
+        expression = str(record.get("expression", record["prompt"].strip().removesuffix("=")))
+        value = format_number(safe_eval(expression))
+        answer = str(record["answer"]).strip()
+        if value != answer:
+            raise ValueError(f"record {record['prompt']!r}: the calculator gives {value} for "
+                             f"{expression!r}, not the answer {answer!r}")
+        return [(f"{self.open_tag}{expression}{self.close_tag}", True),
+                (self.result_template.format(value=value), False),
+                (answer, True)]
+
     def call(self, match: re.Match) -> EnvStep:
         try:
             value, ok = format_number(safe_eval(match.group(1))), 1.0

@@ -590,9 +590,16 @@ class DistributedConfig(_Section):
 
 class SFTConfig(_Section):
     """SFT: examples longer than `max_seq_len` tokens (prompt + completion) are an error.
-    (Each example is padded; repeated prompts run once through prefix sharing.)"""
+    (Each example is padded; repeated prompts run once through prefix sharing.)
+
+    demonstration_share: with an `env:` section, the share of the prompt records whose example
+    is the environment's oracle episode (env.demonstration, e.g. a calculator call, its value,
+    the answer); the others are the plain answer (record["answer"], no tool), as in cold-start
+    data where tool use is inconsistent. 1.0 (default): every example uses the tool.
+    """
 
     max_seq_len: int = Field(512, gt=0)
+    demonstration_share: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class PreferenceConfig(_Section):

@@ -459,15 +459,13 @@ def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> 
 
 
 def _episode_evaluator(config, sampler: Sampler, task, max_new_tokens: int):
-    """Held-out success of multi-turn episodes (psirl.envs.evaluate_env), greedy."""
-    from psirl.envs import evaluate_env
+    """Held-out success of multi-turn episodes (psirl.envs.episode_evaluator): greedy and/or
+    sampled as eval.greedy / eval.sampled say, with the sampler's engine (synced every step)."""
+    from psirl.envs import episode_evaluator
     from psirl.train.setup import eval_records
 
-    records = eval_records(config, task)
-    if not records:
-        return None
-    return lambda step_index: evaluate_env(config.env, sampler.engine, records, max_new_tokens,
-                                           seed=config.seed)
+    return episode_evaluator(config, lambda: sampler.engine, eval_records(config, task),
+                             max_new_tokens)
 
 
 def _check_data_parallel(config, sampling) -> None:

@@ -2,7 +2,10 @@
 
 Batches use the layout shared with RL (prompt left-padded, completion right-padded) so the same
 `token_logprobs` serves every loop; each step's examples are sorted by length before they are cut
-into micro-batches, which keeps padding low. Examples that repeat a prompt run it once
+into micro-batches, which keeps padding low. With an ``env:`` section the examples are the
+environment's oracle episodes (``env.demonstration(record)``, e.g. the calculator's tool call,
+its value and the copied answer): an SFT cold start on tool use before RL, the observation
+tokens attended but out of the loss, as in the RL episodes. Examples that repeat a prompt run it once
 (models/prefix_sharing.py); distinct examples are not packed into shared rows.
 """
 
@@ -59,6 +62,20 @@ def load_sft_examples(config, task, tokenizer) -> tuple[list[dict], list[str]]:
     return examples, [f"task {config.data.task}: example {i + 1}" for i in range(len(examples))]
 
 
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[float]]:
+    """(ids, loss mask) of a demonstration's (text, written_by_model) segments, EOS appended
+    (in the loss). Each segment is tokenised on its own, as run_episodes holds them (a model turn
+    is what the model wrote; an observation is tokenised once); the model's segments have loss
+    mask 1, the environment's 0."""
+    ids: list[int] = []
+    mask: list[float] = []
+    for text, by_model in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [1.0 if by_model else 0.0] * len(piece)
+    return ids + [tokenizer.eos_token_id], mask + [1.0]
+
+
 def check_sft_lengths(prompts: list[list[int]], completions: list[list[int]], locations: list[str],
                       *, max_prompt_tokens: int, max_seq_len: int) -> None:
     """Refuse an example whose prompt has more than `data.max_prompt_tokens` tokens or whose
@@ -90,13 +107,26 @@ def epoch_batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[i
 def build_sft(config, run_dir: Path) -> LoopSpec:
     model, tokenizer = build_policy(config, run_dir)
     task = build_task(config)
-    examples, locations = load_sft_examples(config, task, tokenizer)
+    loss_masks = None
+    if config.env is not None:  # the environment's oracle episodes, observations out of the loss
+        from psirl.envs import demonstration_examples
+        from psirl.train.setup import load_prompt_records
+
+        examples = demonstration_examples(config.env, load_prompt_records(config, task),
+                                          share=config.sft.demonstration_share)
+        locations = [f"env {config.env.name}: demonstration {i + 1}" for i in range(len(examples))]
+    else:
+        examples, locations = load_sft_examples(config, task, tokenizer)
     if not examples:
         from psirl.data.errors import DataError
 
         raise DataError(f"{config.data.train_path or 'data'}: the SFT dataset is empty")
     prompts = encode_texts(tokenizer, [e["prompt"] for e in examples])
-    completions = encode_texts(tokenizer, [e["completion"] for e in examples], add_eos=True)
+    if config.env is not None:
+        completions, loss_masks = map(list, zip(*(encode_segments(tokenizer, e["segments"])
+                                                  for e in examples), strict=True))
+    else:
+        completions = encode_texts(tokenizer, [e["completion"] for e in examples], add_eos=True)
     check_sft_lengths(prompts, completions, locations,
                       max_prompt_tokens=config.data.max_prompt_tokens,
                       max_seq_len=config.sft.max_seq_len)
@@ -113,10 +143,45 @@ def build_sft(config, run_dir: Path) -> LoopSpec:
         idx = [idx[i] for i in shard_indices(len(idx), rank, world_size)]
         return sft_update(model, params, optimizer, scheduler, [prompts[i] for i in idx],
                           [completions[i] for i in idx], pad_id=pad_id,
-                          grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip)
+                          grad_accum=config.optim.grad_accum, grad_clip=config.optim.grad_clip,
+                          loss_masks=None if loss_masks is None else [loss_masks[i] for i in idx])
 
-    evaluate = task_evaluator(config, model, tokenizer, task)
+    if config.env is not None:
+        evaluate = _episode_evaluator(config, model, tokenizer, task)
+    else:
+        evaluate = task_evaluator(config, model, tokenizer, task)
 
     return LoopSpec(models={"policy": model}, tokenizer=tokenizer,
                     optimizers={"policy": optimizer}, schedulers={"policy": scheduler},
                     step=step, evaluate=evaluate, data_parallel=True)
+
+
+def _episode_evaluator(config, model, tokenizer, task):
+    """Held-out success of whole episodes in the environment (psirl.envs.episode_evaluator),
+    with an engine of the config's `rollout:` built on first use and synced to the model."""
+    from psirl.envs import episode_evaluator
+    from psirl.rollout import build_engine
+    from psirl.train.setup import eval_records
+
+    state = {}
+
+    def engine_of():
+        if "engine" not in state:
+            state["engine"] = build_engine(config, model, tokenizer)
+        state["engine"].sync(model)
+        return state["engine"]
+
+    evaluate = episode_evaluator(config, engine_of, eval_records(config, task),
+                                 config.eval.max_new_tokens)
+    if evaluate is None:
+        return None
+
+    def in_eval_mode(step_index: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate(step_index)
+        finally:
+            model.train(was_training)
+
+    return in_eval_mode

@@ -30,10 +30,13 @@ def sft_update(
     pad_id: int,
     grad_accum: int = 1,
     grad_clip: float | None = None,
+    loss_masks: list[list[float]] | None = None,
 ) -> dict[str, float]:
     """Backward the SFT loss of (prompt, completion) token lists and take one optimiser step.
 
-    prompts[i], completions[i]: token ids (completion non-empty, prompt non-empty). With no
+    prompts[i], completions[i]: token ids (completion non-empty, prompt non-empty).
+    loss_masks[i]: 0/1 per completion token (None: all 1), e.g. 0 on a demonstration's
+    environment tokens, which are then attended but neither in the loss nor in N. With no
     examples the optimiser and scheduler still step (nothing changes; the LR schedule stays
     aligned with the step count). Returns {"loss", "grad_norm", "tokens"} (floats), of the
     global step when data-parallel (loss and tokens summed over ranks).
@@ -42,7 +45,12 @@ def sft_update(
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     # The step's normaliser, computed once (summed over data-parallel ranks).
-    n_tokens = all_reduce_sum(float(sum(len(c) for c in completions)))
+    if loss_masks is None:
+        loss_masks = [[1.0] * len(c) for c in completions]
+    for c, m in zip(completions, loss_masks, strict=True):
+        if len(c) != len(m):
+            raise ValueError(f"loss_masks: {len(m)} entries for a completion of {len(c)} tokens")
+    n_tokens = all_reduce_sum(float(sum(sum(m) for m in loss_masks)))
     total = 0.0
     if order:
         for mb in split_microbatches(len(order), grad_accum):
@@ -50,6 +58,8 @@ def sft_update(
             ids, attn, cmask = pad_prompt_completion(
                 [prompts[i] for i in sel], [completions[i] for i in sel], pad_id
             )
+            for row, i in enumerate(sel):  # environment tokens out of the loss
+                cmask[row, : len(loss_masks[i])] = torch.tensor(loss_masks[i])
             ids, attn, cmask = ids.to(model.device), attn.to(model.device), cmask.to(model.device)
             logp, _ = token_logprobs(model, ids, attn, cmask.shape[1])
             loss = sft_token_loss(logp, cmask, n_tokens)
