@@ -39,7 +39,7 @@ ENV = {"name": "calculator",
 TURN_TOKENS = 16  # "[426+702+270]" is 13 tokens; a turn may not need more
 
 
-def demo_configs(out: Path, *, seed: int = 0, sft_steps: int = 250, grpo_steps: int = 40,
+def demo_configs(out: Path, *, seed: int = 0, sft_steps: int = 250, grpo_steps: int = 80,
                  demonstration_share: float = 0.5,
                  eval_n: int = 200, eval_every: int = 10, threads: int | None = 1) -> dict:
     """{"sft": config, "grpo": config}: the two `psirl train` runs of the demo, as data."""
@@ -50,7 +50,7 @@ def demo_configs(out: Path, *, seed: int = 0, sft_steps: int = 250, grpo_steps: 
     sft = config_from_dict({
         **common, "loop": "sft", "output_dir": str(out / "sft"), "max_steps": sft_steps,
         "model": {"tiny": MODEL}, "sft": {"demonstration_share": demonstration_share},
-        "optim": {"lr": 2e-3, "batch_size": 32, "warmup_steps": 10, "schedule": "constant",
+        "optim": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 10, "schedule": "constant",
                   "weight_decay": 0.0, "grad_clip": 1.0},
         "eval": {"every": 0, "n": eval_n, "greedy": True, "sampled": True,
                  "max_new_tokens": TURN_TOKENS},
@@ -58,7 +58,7 @@ def demo_configs(out: Path, *, seed: int = 0, sft_steps: int = 250, grpo_steps: 
     grpo = config_from_dict({
         **common, "loop": "online", "output_dir": str(out / "grpo"), "max_steps": grpo_steps,
         "model": {"path": str(out / "sft" / "final")},
-        "optim": {"lr": 1e-3, "batch_size": 16, "grad_clip": 1.0},
+        "optim": {"lr": 3e-4, "batch_size": 16, "grad_clip": 1.0},
         "algorithm": {"preset": "grpo",
                       "knobs": {"sampling": {"group_size": 8, "max_new_tokens": TURN_TOKENS}}},
         "eval": {"every": eval_every, "n": eval_n, "greedy": True, "sampled": True,
@@ -124,8 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/multiturn_demo"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=150)
-    parser.add_argument("--grpo-steps", type=int, default=40)
+    parser.add_argument("--sft-steps", type=int, default=250)
+    parser.add_argument("--grpo-steps", type=int, default=80)
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     result = run_demo(args.out, seed=args.seed, sft_steps=args.sft_steps,

@@ -36,6 +36,21 @@ DEFAULT_COMPARE_METRICS = (
 )
 # Group order after "eval": the quantities one reads first; other groups follow alphabetically.
 GROUP_ORDER = ("eval", "reward", "kl", "loss", "entropy", "response", "clip", "advantage")
+# Multi-turn runs (an `env:` section): what the "Episodes" table shows, in this order, with the
+# meaning of each name (psirl/rollout/episode.py, psirl/envs/__init__.py evaluate_env).
+EPISODE_METRICS = {
+    "eval/env_success": "held-out success (greedy): episodes ended by a rewarded answer",
+    "eval/env_success_sampled": "held-out success (sampled, temperature 1)",
+    "eval/env_turns": "held-out model turns per episode (greedy)",
+    "eval/env_tool_call": "held-out share of model turns calling the tool (greedy)",
+    "eval/env_tool_ok": "held-out tool-call success rate: calls that ran (greedy)",
+    "episode/turns_mean": "training: model turns per episode",
+    "env/tool_call": "training: share of model turns calling the tool",
+    "env/tool_ok": "training: tool-call success rate (calls that ran)",
+    "episode/env_tokens_mean": "training: environment tokens per episode",
+    "time/env_s": "training: seconds per step inside the environment",
+    "time/generate_s": "training: seconds per step generating episodes",
+}
 UNGROUPED = "other"
 
 _PANEL_W, _PANEL_H, _DPI, _NCOLS = 3.4, 2.3, 80, 3
@@ -239,6 +254,23 @@ def _summary_rows(
     return rows
 
 
+def _episodes_section(series: Mapping[str, tuple[list[int], list[float]]]) -> list[str]:
+    """The "Episodes" table of a multi-turn run: turns per episode, tool-call rate and success
+    rate, environment time, held-out success (first and final value: before and after
+    training); nothing for a run without episode metrics."""
+    names = [n for n in EPISODE_METRICS if n in series]
+    if not any(n.startswith(("episode/", "eval/env_")) for n in names):
+        return []
+    rows = []
+    for name in names:
+        steps, values = series[name]
+        finite = _finite(values)
+        rows.append([name, EPISODE_METRICS[name], values[0], values[-1],
+                     sum(finite) / len(finite) if finite else None])
+    return ["<h2>Episodes (multi-turn)</h2>",
+            _table(["metric", "meaning", "first", "final", "mean"], rows)]
+
+
 def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
@@ -268,8 +300,9 @@ MAIN_W, MAIN_H, MAIN_DPI = 10.0, 4.6, 100  # the gold-vs-reward chart: 1000 x 46
 
 
 def gold_names(series: Mapping[str, Any]) -> list[str]:
-    """Gold metrics present: every eval/* accuracy or pass@k (a curve identical to an earlier one
-    left out), else task/accuracy."""
+    """Gold metrics present: every eval/* accuracy or pass@k and a multi-turn run's held-out
+    success eval/env_success* (a curve identical to an earlier one left out), else
+    task/accuracy."""
     held_out = sorted(n for n in series if group_of(n) == "eval"
                       and ("accuracy" in n or "pass@" in n))
     # pass@1_greedy repeats accuracy_greedy for a 0/1 reward: one line, not two on top.
@@ -451,6 +484,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     else:
         parts.append(_table(["metric", "final", "min", "max", "best"],
                             _summary_rows(series, [n for n in key if n in series])))
+
+    parts.extend(_episodes_section(series))
 
     charted = [(g, [n for n in names if not _is_flat(series[n][1])]) for g, names in groups]
     flat = sorted(n for _, names in groups for n in names if _is_flat(series[n][1]))
