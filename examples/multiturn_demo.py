@@ -80,11 +80,17 @@ def episode_summary(run_dir: Path) -> dict:
         return sum(m[key] for m in steps) / len(steps)
 
     first, last = evals[0], evals[-1]
+
+    def calls(m: dict, mode: str = "") -> float:  # tool calls per episode = per turn x turns
+        return m[f"eval/env_tool_call{mode}"] * m[f"eval/env_turns{mode}"]
+
     return {
         "greedy_before": first["eval/env_success"], "greedy_after": last["eval/env_success"],
         "sampled_before": first["eval/env_success_sampled"],
         "sampled_after": last["eval/env_success_sampled"],
-        "tool_call_before": first["eval/env_tool_call"], "tool_call_after": last["eval/env_tool_call"],
+        "calls_greedy_before": calls(first), "calls_greedy_after": calls(last),
+        "calls_sampled_before": calls(first, "_sampled"),
+        "calls_sampled_after": calls(last, "_sampled"),
         "turns_before": first["eval/env_turns"], "turns_after": last["eval/env_turns"],
         "train_turns_per_episode": mean("episode/turns_mean"),
         "train_tool_ok": mean("env/tool_ok"),
@@ -111,8 +117,9 @@ def run_demo(out: Path, **kwargs) -> dict:
         "held-out success, {n} problems (sum of three 3-digit numbers), before -> after GRPO:\n"
         "  greedy  {greedy_before:6.1%} -> {greedy_after:6.1%}\n"
         "  sampled {sampled_before:6.1%} -> {sampled_after:6.1%}\n"
-        "  tool calls per turn {tool_call_before:.2f} -> {tool_call_after:.2f}; turns per episode "
-        "{turns_before:.2f} -> {turns_after:.2f} (greedy)\n"
+        "  tool calls per episode: greedy {calls_greedy_before:.2f} -> {calls_greedy_after:.2f}, "
+        "sampled {calls_sampled_before:.2f} -> {calls_sampled_after:.2f}; turns per episode "
+        "(greedy) {turns_before:.2f} -> {turns_after:.2f}\n"
         "  training, last 5 steps: {train_turns_per_episode:.2f} turns per episode, tool-call "
         "success {train_tool_ok:.1%}, {train_env_s_per_step:.3f} s per step in the environment\n"
         "  wall: SFT {wall_sft_s} s, GRPO {wall_grpo_s} s; report: {report}".format(
