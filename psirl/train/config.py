@@ -766,6 +766,9 @@ class TrainConfig(_Section):
         if self.loop == "reward_model" and self.model.lora is not None:
             raise ValueError("model.lora: the reward_model loop trains the full model (a new "
                              "scalar head on every layer's output); remove model.lora")
+        if self.sft.demonstration_share != 1.0 and (self.loop != "sft" or self.env is None):
+            raise ValueError("sft.demonstration_share: only the SFT loop with an env: section "
+                             "makes demonstrations (set loop: sft and env:, or remove it)")
         if self.loop == "online" and self.algorithm.preset is None:
             raise ValueError("algorithm.preset: the online loop needs a preset (e.g. grpo)")
         if self.algorithm.preset is not None:

@@ -2,11 +2,14 @@
 
 Batches use the layout shared with RL (prompt left-padded, completion right-padded) so the same
 `token_logprobs` serves every loop; each step's examples are sorted by length before they are cut
-into micro-batches, which keeps padding low. With an ``env:`` section the examples are the
-environment's oracle episodes (``env.demonstration(record)``, e.g. the calculator's tool call,
-its value and the copied answer): an SFT cold start on tool use before RL, the observation
-tokens attended but out of the loss, as in the RL episodes. Examples that repeat a prompt run it once
+into micro-batches, which keeps padding low. Examples that repeat a prompt run it once
 (models/prefix_sharing.py); distinct examples are not packed into shared rows.
+
+With an ``env:`` section the examples are the environment's oracle episodes
+(``env.demonstration(record)``, e.g. the calculator's tool call, its value and the copied
+answer; ``sft.demonstration_share`` of the records, the rest plain answers): an SFT cold start on
+tool use before RL, the observation tokens attended but out of the loss, as in the RL episodes.
+Held-out evaluation is then whole episodes (eval/env_*).
 """
 
 from __future__ import annotations

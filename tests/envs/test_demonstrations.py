@@ -115,5 +115,8 @@ def test_sft_with_env_trains_on_demonstrations(tmp_path):
     evaluated = spec.evaluate(1)
     assert {"eval/env_success", "eval/env_success_sampled", "eval/env_turns",
             "eval/env_turns_sampled"} <= set(evaluated)
+    raw = config.model_dump()
     with pytest.raises(Exception, match="demonstration_share"):
-        config_from_dict({**config.model_dump(), "sft": {"demonstration_share": 1.5}})
+        config_from_dict({**raw, "sft": {"demonstration_share": 1.5}})
+    with pytest.raises(Exception, match="sft.demonstration_share: only the SFT loop with an env"):
+        config_from_dict({**raw, "env": None})
