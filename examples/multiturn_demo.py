@@ -7,64 +7,58 @@ turn is the final answer (reward 1 when it is the sum, else 0; no bonus for call
 
     prompt 426+702+270=   model [426+702+270]   env =1398\\n   model 1398</s>   -> reward 1
 
-1. build a fresh tiny Qwen2 model (2 layers, hidden 128, about 0.4M parameters);
-2. SFT it, deliberately briefly, on the environment's oracle episodes
+1. build a fresh tiny Qwen2 model (2 layers, hidden 128, about 0.45M parameters);
+2. SFT it, deliberately briefly (250 steps), on the environment's oracle episodes
    (CalculatorEnv.demonstration: the call, the value, the copied answer; the value's tokens are
-   attended but out of the loss), so that it calls the tool but copies the value only sometimes;
+   attended but out of the loss) mixed half and half with plain answers without the tool
+   (sft.demonstration_share: 0.5), so that it calls the tool in about half of its episodes;
 3. GRPO from that checkpoint with the environment in the loop (`env:`), reward = success only;
 4. print held-out success (greedy and sampled, 200 problems of the task's held-out split) after
    SFT (= before RL) and after RL, the tool-call rate, the tool-call success rate, turns per
    episode and time spent in the environment.
 
-Both stages are ordinary `psirl train` runs (their resolved configs are in the run folders).
+Both stages are ordinary `psirl train` runs of examples/multiturn_calculator_sft.yaml and
+examples/multiturn_calculator.yaml (their resolved configs are in the run folders).
 
-Usage: python examples/multiturn_demo.py [--out runs/multiturn_demo] [--seed 0] [--quick]
+Usage: python examples/multiturn_demo.py [--out runs/multiturn_demo] [--seed 0]
+                                          [--sft-steps N] [--grpo-steps N] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
-MODEL = {"arch": "qwen2", "hidden_size": 128, "num_layers": 2, "num_heads": 4,
-         "intermediate_size": 384}
-TASK = {"task": "addition", "task_kwargs": {"digits": 3, "terms": 3}}
-ENV = {"name": "calculator",
-       "kwargs": {"open_tag": "[", "close_tag": "]", "result_template": "={value}\n",
-                  "call_bonus": 0.0},
-       "max_turns": 3, "max_episode_tokens": 32}
-TURN_TOKENS = 16  # "[426+702+270]" is 13 tokens; a turn may not need more
+EXAMPLES = Path(__file__).resolve().parent
+SFT_YAML = EXAMPLES / "multiturn_calculator_sft.yaml"  # the recipe: both stages' configs
+GRPO_YAML = EXAMPLES / "multiturn_calculator.yaml"
 
 
-def demo_configs(out: Path, *, seed: int = 0, sft_steps: int = 250, grpo_steps: int = 80,
-                 demonstration_share: float = 0.5,
-                 eval_n: int = 200, eval_every: int = 10, threads: int | None = 1) -> dict:
-    """{"sft": config, "grpo": config}: the two `psirl train` runs of the demo, as data."""
-    from psirl.train.config import config_from_dict
+def demo_configs(out: Path, *, seed: int = 0, sft_steps: int | None = None,
+                 grpo_steps: int | None = None, eval_n: int | None = None,
+                 eval_every: int | None = None, threads: int = 1) -> dict:
+    """{"sft": config, "grpo": config}: the two YAML examples with the run folders under
+    `out`, the GRPO run starting from the SFT run's final checkpoint, on the CPU; the other
+    arguments override the YAML when given (None: as written there)."""
+    from psirl.train.config import load_config
 
-    common = {"seed": seed, "device": "cpu", "threads": threads, "env": ENV,
-              "data": {**TASK, "n_train": 5000}, "checkpoint": {"every": 0}}
-    sft = config_from_dict({
-        **common, "loop": "sft", "output_dir": str(out / "sft"), "max_steps": sft_steps,
-        "model": {"tiny": MODEL}, "sft": {"demonstration_share": demonstration_share},
-        "optim": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 10, "schedule": "constant",
-                  "weight_decay": 0.0, "grad_clip": 1.0},
-        "eval": {"every": 0, "n": eval_n, "greedy": True, "sampled": True,
-                 "max_new_tokens": TURN_TOKENS},
-    })
-    grpo = config_from_dict({
-        **common, "loop": "online", "output_dir": str(out / "grpo"), "max_steps": grpo_steps,
-        "model": {"path": str(out / "sft" / "final")},
-        "optim": {"lr": 3e-4, "batch_size": 16, "grad_clip": 1.0},
-        "algorithm": {"preset": "grpo",
-                      "knobs": {"sampling": {"group_size": 8, "max_new_tokens": TURN_TOKENS}}},
-        "eval": {"every": eval_every, "n": eval_n, "greedy": True, "sampled": True,
-                 "max_new_tokens": TURN_TOKENS},
-    })
-    return {"sft": sft, "grpo": grpo}
+    common = [f"seed={seed}", "device=cpu", f"threads={threads}"]
+    if eval_n is not None:
+        common.append(f"eval.n={eval_n}")
+    sft = [f"output_dir={out / 'sft'}", *common]
+    grpo = [f"output_dir={out / 'grpo'}", f"model.path={out / 'sft' / 'final'}", "model.tiny=null",
+            *common]
+    if sft_steps is not None:
+        sft.append(f"max_steps={sft_steps}")
+    if grpo_steps is not None:
+        grpo.append(f"max_steps={grpo_steps}")
+    if eval_every is not None:
+        grpo.append(f"eval.every={eval_every}")
+    return {"sft": load_config(SFT_YAML, sft), "grpo": load_config(GRPO_YAML, grpo)}
 
 
 def episode_summary(run_dir: Path) -> dict:
@@ -105,6 +99,7 @@ def run_demo(out: Path, **kwargs) -> dict:
     from psirl.train import run_config
 
     configs = demo_configs(out, **kwargs)
+    load = os.getloadavg()[0]  # the numbers' wall times depend on it (a shared machine)
     for name in configs:
         shutil.rmtree(out / name, ignore_errors=True)
     wall = {}
@@ -122,8 +117,8 @@ def run_demo(out: Path, **kwargs) -> dict:
         "(greedy) {turns_before:.2f} -> {turns_after:.2f}\n"
         "  training, last 5 steps: {train_turns_per_episode:.2f} turns per episode, tool-call "
         "success {train_tool_ok:.1%}, {train_env_s_per_step:.3f} s per step in the environment\n"
-        "  wall: SFT {wall_sft_s} s, GRPO {wall_grpo_s} s; report: {report}".format(
-            n=configs["grpo"].eval.n, **result))
+        "  wall: SFT {wall_sft_s} s, GRPO {wall_grpo_s} s (load average {load:.1f} at the start); "
+        "report: {report}".format(n=configs["grpo"].eval.n, load=load, **result))
     return result
 
 
@@ -131,8 +126,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/multiturn_demo"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=250)
-    parser.add_argument("--grpo-steps", type=int, default=80)
+    parser.add_argument("--sft-steps", type=int, help="default: the SFT YAML's max_steps (250)")
+    parser.add_argument("--grpo-steps", type=int, help="default: the GRPO YAML's max_steps (80)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     result = run_demo(args.out, seed=args.seed, sft_steps=args.sft_steps,
