@@ -29,6 +29,8 @@ SUMMARY_LABELS = {
     "reward/mean": "reward",
     "eval/accuracy": "acc",
     "eval/accuracy_greedy": "acc_greedy",
+    "eval/env_success": "success",  # multi-turn runs: held-out episodes ended by a right answer
+    "eval/env_success_sampled": "success_sampled",
     "kl/mean": "kl",
     "loss/total": "loss",
     "loss/policy": "loss",

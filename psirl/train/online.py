@@ -56,8 +56,8 @@ from psirl.train.evaluation import evaluator_from_config
 from psirl.train.fsdp import shard_models
 from psirl.train.setup import build_policy, build_sampler, build_task, load_prompt_records
 
-SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "perf/tokens_per_s",
-                "sampling/skipped_step")
+SUMMARY_KEYS = ("reward/mean", "kl/mean", "entropy/mean", "eval/accuracy", "eval/env_success",
+                "eval/env_success_sampled", "perf/tokens_per_s", "sampling/skipped_step")
 
 
 def train(config, *, resume: bool = False, quiet: bool = False, reward_fn=None) -> Path:

@@ -38,7 +38,8 @@ from psirl.train.sft_update import sft_update
 def train(config, *, resume: bool = False, quiet: bool = False) -> Path:
     """Run SFT to `config.max_steps`; returns the run folder."""
     return run_loop(config, build_sft, resume=resume, quiet=quiet,
-                    summary_keys=("loss", "eval/accuracy", "eval/accuracy_greedy"))
+                    summary_keys=("loss", "eval/accuracy", "eval/accuracy_greedy",
+                                  "eval/env_success", "eval/env_success_sampled"))
 
 
 def load_sft_examples(config, task, tokenizer) -> tuple[list[dict], list[str]]:
