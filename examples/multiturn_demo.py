@@ -7,7 +7,7 @@ turn is the final answer (reward 1 when it is the sum, else 0; no bonus for call
 
     prompt 426+702+270=   model [426+702+270]   env =1398\\n   model 1398</s>   -> reward 1
 
-1. build a fresh tiny Qwen2 model (2 layers, hidden 128, about 0.45M parameters);
+1. build a fresh tiny Qwen2 model (2 layers, hidden 128, about 0.46M parameters);
 2. SFT it, deliberately briefly (250 steps), on the environment's oracle episodes
    (CalculatorEnv.demonstration: the call, the value, the copied answer; the value's tokens are
    attended but out of the loss) mixed half and half with plain answers without the tool
