@@ -57,7 +57,9 @@ def _grpo_config(output_dir: Path, tiny_dir: Path) -> dict:
                           "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3},
                                     "kl_control": {"ref_reset_every": 3}}},
             "reward": {"kind": "format", "pattern": "^1"},
-            "optim": {"lr": 1e-2, "batch_size": 4},
+            # 2 minibatches of 8 rows drawn over both ranks' rows, 4 passes each: a rank holding
+            # fewer than 4 rows of a minibatch pads with weight-0 passes (FSDP needs equal passes).
+            "optim": {"lr": 1e-2, "batch_size": 4, "grad_accum": 4},
             "eval": {"every": 2, "n": 4, "max_new_tokens": 3},
             "checkpoint": {"every": 1},
             "distributed": {"strategy": "fsdp"}}
@@ -229,11 +231,39 @@ def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
     records = read_metrics(root / "grpo")
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert all(r["loss/total"] == r["loss/total"] for r in records[1:])  # finite, logged
+    # The global minibatches did split unevenly over the ranks, so padding passes ran.
+    assert sum(r["perf/padding_passes"] for r in records[1:]) > 0
     assert metrics_differences(root / "grpo", root / "grpo_uninterrupted") == []
     assert results["digest_resumed"] == results["digest_uninterrupted"]
     assert [r.get("kl/ref_reset") for r in records] == [None, None, None, 1.0]
-    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=1e-4) == []
+    # FSDP's reduce-scatter and the data-parallel all-reduce add in different orders; at lr 1e-2
+    # the 1e-7 differences grow to ~1e-3 of the near-zero policy loss by step 3 (the one-step
+    # tests above hold both to 1e-6).
+    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=5e-3) == []
     assert (root / "grpo" / "final" / "model.safetensors").is_file()
+
+
+def test_sharded_grpo_run_resumes_exactly_in_one_process(fsdp_ranks):
+    """The 2-rank GRPO run's step-2 checkpoint (DCP shards) resumed by ONE process continues as
+    the 2 ranks did: every prompt is sampled from streams keyed by its position in the step, not
+    by the rank that samples it, so the samples, rewards, KL and reference reset of step 3 are
+    the uninterrupted 2-rank run's (float summation order differs: 1e-5)."""
+    root, *_ = fsdp_ranks
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_config(load_run_config(root / "grpo_resumed_1rank", ["max_steps=3"]), resume=True,
+                   quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    one = read_metrics(root / "grpo_resumed_1rank")
+    assert [r["step"] for r in one] == [0, 1, 2, 3]
+    assert one[3]["kl/ref_reset"] == 1.0
+    assert metrics_differences(root / "grpo_resumed_1rank", root / "grpo_uninterrupted",
+                               rel_tol=1e-5) == []
+    want = load_file(str(root / "grpo_uninterrupted" / "final" / "model.safetensors"))
+    got = load_file(str(root / "grpo_resumed_1rank" / "final" / "model.safetensors"))
+    _assert_same_parameters(got, want, atol=1e-5)
 
 
 def test_fsdp_config_errors_name_the_key(tmp_path, monkeypatch):
