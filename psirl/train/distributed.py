@@ -401,8 +401,10 @@ def reduce_metrics(metrics: Mapping[str, float], weight: float, *, token_weight:
       "X/std" next to "X/mean": the pooled sample std of the union,
             sqrt( (sum_r (n_r - 1) s_r^2 + n_r (m_r - m)^2) / (N - 1) )
       else: mean weighted by `token_weight` for the `token_means` keys (clip fractions,
-            entropy, ratio mean, token-mean KL), else by `weight` (per-sequence means such as
-            reward/mean, response/length_mean, task/accuracy, kl/mean); exact either way.
+            entropy, ratio mean, token-mean KL), reward/mean and reward/std by the samples
+            drawn ("sampling/samples"), else by `weight` (per-sequence means such as
+            response/length_mean, task/accuracy, kl/mean); exact in each case. A value equal
+            on every rank (grad_norm, lr, kl/coef) is kept as is.
     One process: `metrics` unchanged (as a dict).
     """
     if world()[1] == 1:
@@ -410,38 +412,49 @@ def reduce_metrics(metrics: Mapping[str, float], weight: float, *, token_weight:
     per_rank = gather_objects((dict(metrics), float(weight), float(token_weight)))
     out: dict[str, float] = {}
     for key in metrics:
-        by_tokens = key in token_means
-        have = [(m[key], tw if by_tokens else w) for m, w, tw in per_rank if key in m]
-        values = [float(v) for v, _ in have]
-        out[key] = _combine(key, values, [w for _, w in have],
-                            [(m, w) for m, w, _ in per_rank])
+        ranks = [(m, _weight_of(key, m, w, tw, token_means)) for m, w, tw in per_rank if key in m]
+        out[key] = _combine(key, ranks)
     return out
 
 
 _SUM_SUFFIXES = ("failures", "timeouts", "kept_groups", "sampling/samples")
 _MAX_KEYS = ("sampling/resample_rounds", "sampling/skipped_step")
+# Per-sample means over every completion drawn (dynamic sampling's rejected rounds included):
+# weighted by the rank's number of samples drawn, not of sequences kept.
+_PER_SAMPLE_DRAWN = ("reward/mean", "reward/std")
 
 
-def _combine(key: str, values: list[float], weights: list[float],
-             per_rank: list[tuple[dict, float]]) -> float:
+def _weight_of(key: str, m: Mapping[str, float], weight: float, token_weight: float,
+               token_means: Collection[str]) -> float:
+    if key in token_means:
+        return token_weight
+    if key in _PER_SAMPLE_DRAWN and "sampling/samples" in m:
+        return float(m["sampling/samples"])
+    return weight
+
+
+def _combine(key: str, ranks: list[tuple[Mapping[str, float], float]]) -> float:
+    """One global value from the ranks' (metrics, weight) pairs that report ``key``."""
+    values = [float(m[key]) for m, _ in ranks]
+    weights = [w for _, w in ranks]
+    # Sums first: two ranks' equal counts or losses still add up.
     if key.startswith(("loss/", "perf/")) or key.endswith(_SUM_SUFFIXES):
-        return sum(values)  # before the equality rule: two ranks' equal counts still add up
-    if all(v == values[0] for v in values):
-        return values[0]
+        return sum(values)
     if "max" in key or key.startswith("time/") or key in _MAX_KEYS:
         return max(values)
     if "min" in key:
         return min(values)
     total = sum(weights)
+    mean_key = key[: -len("/std")] + "/mean" if key.endswith("/std") else None
+    if mean_key is not None and all(mean_key in m for m, _ in ranks) and total > 1:
+        # Before the equality rule: equal per-rank stds do not make the union's std.
+        means = [float(m[mean_key]) for m, _ in ranks]
+        mean = sum(n * mu for n, mu in zip(weights, means, strict=True)) / total
+        ss = sum((n - 1) * s * s + n * (mu - mean) ** 2
+                 for n, mu, s in zip(weights, means, values, strict=True))
+        return math.sqrt(max(ss, 0.0) / (total - 1))
+    if all(v == values[0] for v in values):
+        return values[0]  # equal on every rank (grad_norm, lr, kl/coef): no rounding
     if total <= 0:
         return sum(values) / len(values)
-    mean_key = key[: -len("/std")] + "/mean" if key.endswith("/std") else None
-    if mean_key is not None and all(mean_key in m and key in m for m, _ in per_rank) and total > 1:
-        means = [float(m[mean_key]) for m, _ in per_rank]
-        stds = [float(m[key]) for m, _ in per_rank]
-        ns = [w for _, w in per_rank]
-        mean = sum(n * mu for n, mu in zip(ns, means, strict=True)) / total
-        ss = sum((n - 1) * s * s + n * (mu - mean) ** 2
-                 for n, mu, s in zip(ns, means, stds, strict=True))
-        return math.sqrt(max(ss, 0.0) / (total - 1))
     return sum(v * w for v, w in zip(values, weights, strict=True)) / total

@@ -213,6 +213,8 @@ def test_gradient_reduction_keeps_none_and_metrics_are_global(two_ranks):
         assert (m["loss/total"], m["ratio/max"], m["ratio/min"], m["grad_norm"]) == (3.0, 1.5, 0.7, 3.0)
         assert (m["loss/kl"], m["sampling/samples"]) == (0.5, 5.0)
         assert m["entropy/mean"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40, abs=1e-12)
+        # Equal stds on both ranks are pooled all the same: sqrt((1 + 2) * 0.25 / 4).
+        assert m["x/std"] == pytest.approx(math.sqrt(0.75 / 4), abs=1e-12)
         assert results[rank]["gathered"] == [[0.0, 10.0], [1.0, 11.0]]
 
 
