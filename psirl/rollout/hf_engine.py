@@ -44,7 +44,7 @@ from torch import nn
 from ..models.backbone import prefill_prompts, unwrap_peft
 from ..models.sharded import gathered
 from .batch import RolloutBatch, SamplingParams
-from .seeding import call_seeds, row_seeds, stream_keys, stream_uniforms
+from .seeding import RowStreams, call_seeds, row_seeds
 
 
 class HFEngine:
@@ -240,10 +240,8 @@ class HFEngine:
         ids_p, mask_p = ids_p.to(device), mask_p.to(device)
 
         # One random stream per row, keyed by its prompt's seed and its sample index (or given).
-        seeds, offsets = streams or (row_seeds(call_seeds(params, n_prompts), n),
-                                     (0,) * (n_prompts * n))
-        keys = stream_keys(seeds, device)
-        offsets = torch.tensor(offsets, dtype=torch.long, device=device)
+        seeds, offsets = streams or (row_seeds(call_seeds(params, n_prompts), n), None)
+        uniforms = RowStreams(seeds, offsets, device=device)
 
         # Prefill each distinct prompt once, then give every sample of the group its own copy.
         out = prefill_prompts(model, ids_p, mask_p, logits_to_keep=1)
@@ -251,7 +249,7 @@ class HFEngine:
         cache = out.past_key_values
         if mode != "dynamic":
             tokens, logp, lengths, stopped = self._decode_static(
-                model, mask_p, n, logits, cache, params, keys, offsets,
+                model, mask_p, n, logits, cache, params, uniforms,
                 compiled=mode == "compiled")
             return ids_p[:, extra_cols:], mask_p[:, extra_cols:], n, tokens, logp, lengths, stopped
         if n > 1:
@@ -274,7 +272,7 @@ class HFEngine:
 
         steps = 0
         for t in range(max_new):
-            token, logp = _sample(logits, params, stream_uniforms(keys[rows], offsets[rows] + t))
+            token, logp = _sample(logits, params, uniforms(t)[rows])
             token = token.masked_fill(done, self.pad_token_id)
             logp = logp.masked_fill(done, 0.0)
             tokens_out[rows, t] = token
@@ -312,7 +310,7 @@ class HFEngine:
 
         return ids_p, mask_p, n, tokens_out[:, :steps], logp_out[:, :steps], lengths, stopped
 
-    def _decode_static(self, model, mask_p, n, logits, prefill_cache, params, keys, offsets, *,
+    def _decode_static(self, model, mask_p, n, logits, prefill_cache, params, uniforms, *,
                        compiled: bool):
         """Decode on a StaticCache [rows, P + max_new] filled from the prefill; returns
         (completion ids [B, T], behaviour log-probs [B, T], lengths [B], stopped [B])."""
@@ -336,7 +334,7 @@ class HFEngine:
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
         step = self._step_fn(compiled)
         for t in range(max_new):
-            token, logp = _sample(logits, params, stream_uniforms(keys, offsets + t))
+            token, logp = _sample(logits, params, uniforms(t))
             token = token.masked_fill(stopped, self.pad_token_id)
             tokens_out[:, t] = token
             logp_out[:, t] = logp.masked_fill(stopped, 0.0)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["call_seeds", "mix_seed", "prompt_seeds", "row_seeds", "stream_keys",
+__all__ = ["RowStreams", "call_seeds", "mix_seed", "prompt_seeds", "row_seeds", "stream_keys",
            "stream_uniforms", "hash32"]
 
 _M32 = 0xFFFFFFFF
@@ -113,3 +113,32 @@ def stream_uniforms(keys: torch.Tensor, steps: torch.Tensor | int,
     t = hash32(steps.to(keys.device) & _M32)
     h = hash32(hash32(keys[:, 0] ^ t) ^ keys[:, 1])
     return (h >> 8).to(dtype) * (1.0 / (1 << 24))
+
+
+class RowStreams:
+    """The uniforms of a decoding loop: ``self(t)`` is [rows] draw ``offsets + t`` of each row's
+    stream (``stream_uniforms``), computed ``block`` steps at a time. Why blocks: the hash is
+    ~50 small integer ops, whose per-op overhead dominates at decoding batch sizes (85 us per
+    step on the CPU for 64 rows, one step at a time; ~2 us per step in blocks of 64).
+
+    seeds: one row seed per row (``row_seeds``); offsets: [rows] first draw of each row (None: 0).
+    """
+
+    def __init__(self, seeds: Sequence[int], offsets: Sequence[int] | None = None, *,
+                 device: torch.device | str = "cpu", block: int = 64):
+        self.keys = stream_keys(seeds, device)
+        rows = self.keys.shape[0]
+        offsets = [0] * rows if offsets is None else list(offsets)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=self.keys.device)
+        self.block = block
+        self._start, self._values = -1, None
+
+    def __call__(self, t: int) -> torch.Tensor:
+        start = t - t % self.block
+        if start != self._start:
+            steps = self.offsets[:, None] + torch.arange(start, start + self.block,
+                                                         device=self.keys.device)
+            keys = self.keys[:, None, :].expand(-1, self.block, -1).reshape(-1, 2)
+            self._values = stream_uniforms(keys, steps.reshape(-1)).view(-1, self.block)
+            self._start = start
+        return self._values[:, t - start]

@@ -12,6 +12,7 @@ import torch
 from psirl.rollout.batch import SamplingParams
 from psirl.rollout.hf_engine import HFEngine
 from psirl.rollout.seeding import (
+    RowStreams,
     call_seeds,
     hash32,
     hash32_int,
@@ -118,3 +119,16 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(ab_policy, comp
     # `seed` is shorthand for the derived per-prompt seeds.
     again = engine.generate(prompts, SamplingParams(seed=21, **kw))
     assert again.completions == whole.completions
+
+
+def test_row_streams_in_blocks_give_each_rows_draws_at_its_offset():
+    seeds = row_seeds(prompt_seeds(8, 3), 2)
+    offsets = [0, 5, 64, 0, 130, 7]
+    streams = RowStreams(seeds, offsets, block=16)
+    keys = stream_keys(seeds)
+    for t in (0, 1, 15, 16, 17, 40, 15, 100):  # forwards, backwards, across blocks
+        want = stream_uniforms(keys, torch.tensor(offsets) + t)
+        assert torch.equal(streams(t), want)
+    # Row 1 at offset 5 draws at t what row 1 at offset 0 draws at t + 5 (one stream).
+    plain = RowStreams(seeds)
+    assert float(streams(3)[1]) == float(plain(8)[1])
