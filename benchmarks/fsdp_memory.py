@@ -15,6 +15,11 @@ per rank, after the last step:
               told to mmap blocks >= 128 KiB so freed tensors leave the RSS);
   step s      median wall time of the steps after the first (2 shared CPU cores: the ranks
               compete for them, so times grow with N for both strategies).
+With --reference each rank also holds a frozen copy of the model (the KL reference: no gradients,
+no optimiser state), sharded like the policy under fsdp, and every step runs its no-grad forward
+over the rank's rows; "ref MiB" is its weights on this rank and "ref s" the forward's median time.
+
+    python benchmarks/fsdp_memory.py --shapes large --ranks 1,2 --reference
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 SHAPES = {
     # name: (hidden, layers, heads, intermediate)
@@ -63,10 +69,16 @@ def worker(args) -> None:
     model, _ = load_policy(model_dir, device="cpu", dtype="float32")
     model.train()
     if args.strategy == "fsdp":
-        from types import SimpleNamespace
-
         shard_model(model, SimpleNamespace(cpu_offload=False, activation_checkpointing=False,
                                            mixed_precision=False, reshard_after_forward=True))
+    reference = None
+    if args.reference:
+        reference, _ = load_policy(model_dir, device="cpu", dtype="float32")
+        reference.eval().requires_grad_(False)
+        if args.strategy == "fsdp":
+            shard_model(reference, SimpleNamespace(cpu_offload=False, activation_checkpointing=False,
+                                                   mixed_precision=False,
+                                                   reshard_after_forward=True))
     params = [p for p in model.parameters() if p.requires_grad]
     optim = type("O", (), {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0})
     optimizer = build_optimizer(params, optim)
@@ -78,9 +90,13 @@ def worker(args) -> None:
     attn = torch.ones_like(ids)
     mine = list(D.shard_indices(rows, rank, world_size))
     n_tokens = rows * completion  # the global normaliser
-    times, state_mib = [], 0.0
+    times, ref_times, state_mib = [], [], 0.0
     for _ in range(args.steps):
         t0 = time.perf_counter()
+        if reference is not None:
+            with torch.no_grad():
+                token_logprobs(reference, ids[mine], attn[mine], completion)
+            ref_times.append(time.perf_counter() - t0)
         for micro in split_microbatches(len(mine), 2):
             r = mine[micro]
             logp, _ = token_logprobs(model, ids[r], attn[r], completion)
@@ -99,6 +115,9 @@ def worker(args) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     row = {"rank": rank, "state_mib": state_mib, "peak_rss_mib": peak_rss,
            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+           "ref_mib": (sum(_local_bytes(p) for p in reference.parameters()) / 2**20
+                       if reference is not None else 0.0),
+           "ref_s": statistics.median(ref_times[1:]) if len(ref_times) > 1 else 0.0,
            "params": sum(p.numel() for p in model.parameters()) if args.strategy == "ddp" else
            sum(_local_bytes(p) // 4 for p in model.parameters()) * world_size}
     rows_all = D.gather_objects(row)
@@ -126,7 +145,8 @@ def launch(shape: str, strategy: str, ranks: int, model_dir: Path, args) -> list
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                str(Path(__file__).resolve()), "--worker", "--shape", shape, "--strategy", strategy,
                "--model-dir", str(model_dir), "--result", str(result), "--steps", str(args.steps),
-               "--batch", str(args.batch), "--tokens", str(args.tokens)]
+               "--batch", str(args.batch), "--tokens", str(args.tokens),
+               *(["--reference"] if args.reference else [])]
         for attempt in range(2):  # one retry: a gloo rendezvous on a busy machine can fail
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
             if proc.returncode == 0:
@@ -147,14 +167,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--reference", action="store_true",
+                        help="also hold a frozen reference copy and time its forward")
     parser.add_argument("--result", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    ref_cols = (" ref MiB / rank | ref forward s |", " --- | --- |") if args.reference else ("", "")
     lines = ["| model | params | strategy | ranks | state MiB / rank | peak RSS MiB / rank (max) "
-             "| step s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| step s |" + ref_cols[0], "| --- | --- | --- | --- | --- | --- | --- |" + ref_cols[1]]
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
             model_dir = Path(tmp) / shape
@@ -168,6 +191,9 @@ def main() -> None:
                     line = (f"| {shape} (hidden {h}, {n_layers} layers) | "
                             f"{rows[0]['params'] / 1e6:.2f} M | {strategy} | {ranks} | "
                             f"{state:.1f} | {rss:.0f} | {step:.3f} |")
+                    if args.reference:
+                        line += (f" {max(r['ref_mib'] for r in rows):.1f} |"
+                                 f" {max(r['ref_s'] for r in rows):.3f} |")
                     print(line, flush=True)
                     lines.append(line)
     text = "\n".join(lines) + "\n"

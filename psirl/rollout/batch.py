@@ -30,9 +30,13 @@ class SamplingParams:
     stop: strings that end a completion (checked on the decoded text after every token); the
         completion text is cut before the stop string, its tokens stay (masked in).
     n: completions per prompt (the group size G); rows of a prompt are consecutive.
-    seed: seeds the sampler's ``torch.Generator``; same seed + same model + same prompts ->
-        same completions. None draws a seed from torch's global RNG (so ``torch.manual_seed``
-        still makes a run reproducible).
+    seed: seeds the call; prompt i gets the seed ``psirl.rollout.seeding.prompt_seeds(seed,
+        len(prompts))[i]``. Same seed + same model + same prompts -> same completions. None draws
+        a seed from torch's global RNG (so ``torch.manual_seed`` still makes a run reproducible).
+    seeds: one seed per prompt, instead of ``seed``. Sample j of prompt i draws from a random
+        stream keyed by (seeds[i], j) alone (psirl.rollout.seeding), so its tokens do not depend
+        on which other prompts share the call, their order or the rank that samples them: a run
+        samples the same tokens at any world size.
     """
 
     temperature: float = 1.0
@@ -42,6 +46,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     n: int = 1
     seed: int | None = None
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -58,6 +63,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.n < 1:
             raise ValueError(f"SamplingParams.n={self.n}: must be >= 1")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+                raise ValueError("SamplingParams.seeds: must be non-negative integers")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"SamplingParams.stop={self.stop!r}: must be non-empty strings")
 

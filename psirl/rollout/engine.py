@@ -19,10 +19,12 @@ class Engine(Protocol):
     sync(model) -> None: make the next ``generate`` sample from ``model``'s current weights.
 
     Optional (not part of the runtime check, so an engine without it still is an Engine):
-    generate_ids(prompt_ids: list[list[int]], params) -> RolloutBatch: ``generate`` from exact
-        token ids (no tokenisation, no BOS added). Multi-turn episodes need it
-        (psirl/rollout/episode.py): each turn continues from the ids sampled so far, never from
-        re-tokenised text. ``HFEngine`` has it.
+    generate_ids(prompt_ids: list[list[int]], params, *, row_seeds, stream_offsets)
+        -> RolloutBatch: ``generate`` from exact token ids (no tokenisation, no BOS added), row r
+        drawing from the random stream ``row_seeds[r]`` from draw ``stream_offsets[r]`` on
+        (psirl/rollout/seeding.py). Multi-turn episodes need it (psirl/rollout/episode.py): each
+        turn continues from the ids sampled so far, never from re-tokenised text, and from the
+        episode's own stream. ``HFEngine`` has it.
     """
 
     def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch: ...

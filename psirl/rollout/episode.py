@@ -40,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .batch import RolloutBatch, SamplingParams
+from .seeding import call_seeds, row_seeds
 
 __all__ = [
     "EnvStep",
@@ -180,6 +181,7 @@ class _Episode:
     env: Environment
     context: list[int]  # prompt + completion so far (what the next model turn continues)
     prompt_len: int
+    seed: int = 0  # the episode's random stream; a turn at completion column c draws c, c + 1, ...
     ids: list[int] = field(default_factory=list)  # completion ids: model and env tokens
     is_model: list[bool] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
@@ -228,22 +230,26 @@ def run_episodes(
     env_time = 0.0
     step_metrics: dict[str, list[float]] = {}
 
+    # Episode j of record i samples all its turns from one stream, seeded as row j of record i
+    # in plain generation (so one turn is plain generation): the same episode whatever other
+    # episodes are still live or share the call.
+    record_seeds = call_seeds(params, len(records))
     episodes: list[_Episode] = []
     prompts: list[str] = []
-    for record in records:
-        for _ in range(params.n):
+    for record, record_seed in zip(records, record_seeds, strict=True):
+        for j in range(params.n):
             t0 = time.perf_counter()
             env = make_env()
             prompt = env.reset(record)
             env_time += time.perf_counter() - t0
             prompts.append(prompt)
-            episodes.append(_Episode(env=env, context=[], prompt_len=0))
+            episodes.append(_Episode(env=env, context=[], prompt_len=0,
+                                     seed=row_seeds((record_seed,), params.n)[j]))
     prompt_ids = _encode_prompts(engine, tokenizer, prompts)
     for ep, ids in zip(episodes, prompt_ids, strict=True):
         ep.context, ep.prompt_len = list(ids), len(ids)
 
     stop = tuple(dict.fromkeys([*params.stop, *getattr(episodes[0].env, "stop", ())]))
-    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
     budget = max_episode_tokens
 
     for turn in range(max_turns):
@@ -253,10 +259,12 @@ def run_episodes(
         room = [budget - len(ep.ids) if budget is not None else params.max_new_tokens
                 for ep in live]
         turn_params = replace(
-            params, n=1, stop=stop, seed=seed + 1_000_003 * turn,
+            params, n=1, stop=stop, seed=None, seeds=None,
             max_new_tokens=max(1, min(params.max_new_tokens, max(room))),
         )
-        out = generate_ids([ep.context for ep in live], turn_params)
+        out = generate_ids([ep.context for ep in live], turn_params,
+                           row_seeds=[ep.seed for ep in live],
+                           stream_offsets=[len(ep.ids) for ep in live])
         lengths = out.completion_mask.sum(dim=1).long().tolist()
         sampled = out.completion_ids.tolist()
         logps = out.behaviour_logprobs.tolist()

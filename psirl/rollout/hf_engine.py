@@ -19,7 +19,8 @@ shape [rows, prompt bucket + max_new_tokens], with the step's forward compiled b
 kernel). Rows are not compacted (fixed shapes), the attention mask is constant (finished rows'
 outputs are ignored, as in the dynamic loop) and ``done.all()`` is read every
 ``static_check_every`` tokens instead of every token, so the loop queues work without host
-syncs. Same seed, same samples: the sampler draws one uniform per row per step either way, so
+syncs. Same seed, same samples: each row draws its uniform of step t from its own stream
+(psirl/rollout/seeding.py) either way, so
 ``decode="static"`` gives the tokens of ``decode="dynamic", compact_finished=False`` (tested on
 the CPU). Stop strings need a host-side decode every token, so they use the dynamic loop.
 
@@ -34,6 +35,8 @@ uses the untruncated temperature-scaled policy as pi_old.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +44,7 @@ from torch import nn
 from ..models.backbone import prefill_prompts, unwrap_peft
 from ..models.sharded import gathered
 from .batch import RolloutBatch, SamplingParams
+from .seeding import RowStreams, call_seeds, row_seeds
 
 
 class HFEngine:
@@ -141,16 +145,31 @@ class HFEngine:
         # Built outside inference mode: the batch's tensors feed autograd in the trainer.
         return self._assemble(list(prompts), *decoded, params)
 
-    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
+                     row_seeds: Sequence[int] | None = None,
+                     stream_offsets: Sequence[int] | None = None) -> RolloutBatch:
         """``generate`` from token ids instead of text: each prompt is taken as the exact ids
         given (nothing added, nothing re-tokenised), so a multi-turn episode continues from the
         very tokens it sampled (psirl/rollout/episode.py). ``RolloutBatch.prompts`` holds the
-        decoded ids (special tokens kept), for display only."""
+        decoded ids (special tokens kept), for display only.
+
+        row_seeds / stream_offsets (one per row, ``params.n`` = 1): row r draws its token t from
+        draw ``stream_offsets[r] + t`` of the stream seeded ``row_seeds[r]``, so an episode's
+        turns continue one stream (psirl/rollout/seeding.py)."""
         if not prompt_ids:
             raise ValueError("prompt_ids: empty list")
         for i, ids in enumerate(prompt_ids):
             if not ids:
                 raise ValueError(f"prompt_ids[{i}]: empty; at least one token is needed")
+        streams = None
+        if row_seeds is not None:
+            if params.n != 1 or len(row_seeds) != len(prompt_ids):
+                raise ValueError(f"row_seeds: one per prompt with n = 1; got {len(row_seeds)} "
+                                 f"for {len(prompt_ids)} prompts, n = {params.n}")
+            offsets = list(stream_offsets) if stream_offsets is not None else [0] * len(row_seeds)
+            if len(offsets) != len(row_seeds) or min(offsets) < 0:
+                raise ValueError("stream_offsets: one non-negative offset per row")
+            streams = (tuple(row_seeds), tuple(offsets))
         texts = self.tokenizer.batch_decode([list(ids) for ids in prompt_ids])
         model = unwrap_peft(self.model)
         was_training = model.training
@@ -158,8 +177,9 @@ class HFEngine:
         if switch:
             model.eval()
         try:
-            with torch.inference_mode():
-                decoded = self._decode(model, texts, params, [list(ids) for ids in prompt_ids])
+            with gathered(self.model), torch.inference_mode():
+                decoded = self._decode(model, texts, params, [list(ids) for ids in prompt_ids],
+                                       streams)
         finally:
             if switch:
                 model.train(was_training)
@@ -174,14 +194,15 @@ class HFEngine:
         return mode
 
     def _decode(self, model: nn.Module, prompts: list[str], params: SamplingParams,
-                prompt_ids: list[list[int]] | None = None) -> tuple:
-        """The sampling loop (from ``prompt_ids`` when given, else the encoded ``prompts``).
+                prompt_ids: list[list[int]] | None = None, streams=None) -> tuple:
+        """The sampling loop (from ``prompt_ids`` when given, else the encoded ``prompts``;
+        ``streams``: (row seeds, draw offsets) per row, else derived from ``params``).
         Returns (prompt ids [N, P], prompt mask [N, P], n, completion ids [B, T], behaviour
         log-probs [B, T], lengths [B], stopped [B]) as inference tensors."""
         mode = self._decode_mode(params)
         if mode == "compiled":
             try:
-                out = self._decode_prompts(model, prompts, params, mode, prompt_ids)
+                out = self._decode_prompts(model, prompts, params, mode, prompt_ids, streams)
                 self.decode_used = mode
                 return out
             except Exception as exc:  # noqa: BLE001 - any compile / CUDA-graph failure
@@ -193,10 +214,11 @@ class HFEngine:
                 self._compiled_step = None
                 mode = "static"
         self.decode_used = mode
-        return self._decode_prompts(model, prompts, params, mode, prompt_ids)
+        return self._decode_prompts(model, prompts, params, mode, prompt_ids, streams)
 
     def _decode_prompts(self, model: nn.Module, prompts: list[str], params: SamplingParams,
-                        mode: str, prompt_ids: list[list[int]] | None = None) -> tuple:
+                        mode: str, prompt_ids: list[list[int]] | None = None,
+                        streams=None) -> tuple:
         device = self.device
         n = params.n
         if prompt_ids is None:
@@ -217,9 +239,9 @@ class HFEngine:
             mask_p[i, prompt_len - len(ids) :] = 1
         ids_p, mask_p = ids_p.to(device), mask_p.to(device)
 
-        generator = torch.Generator(device=device)
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        generator.manual_seed(seed)
+        # One random stream per row, keyed by its prompt's seed and its sample index (or given).
+        seeds, offsets = streams or (row_seeds(call_seeds(params, n_prompts), n), None)
+        uniforms = RowStreams(seeds, offsets, device=device)
 
         # Prefill each distinct prompt once, then give every sample of the group its own copy.
         out = prefill_prompts(model, ids_p, mask_p, logits_to_keep=1)
@@ -227,7 +249,8 @@ class HFEngine:
         cache = out.past_key_values
         if mode != "dynamic":
             tokens, logp, lengths, stopped = self._decode_static(
-                model, mask_p, n, logits, cache, params, generator, compiled=mode == "compiled")
+                model, mask_p, n, logits, cache, params, uniforms,
+                compiled=mode == "compiled")
             return ids_p[:, extra_cols:], mask_p[:, extra_cols:], n, tokens, logp, lengths, stopped
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -249,7 +272,7 @@ class HFEngine:
 
         steps = 0
         for t in range(max_new):
-            token, logp = _sample(logits, params, generator)
+            token, logp = _sample(logits, params, uniforms(t)[rows])
             token = token.masked_fill(done, self.pad_token_id)
             logp = logp.masked_fill(done, 0.0)
             tokens_out[rows, t] = token
@@ -287,7 +310,7 @@ class HFEngine:
 
         return ids_p, mask_p, n, tokens_out[:, :steps], logp_out[:, :steps], lengths, stopped
 
-    def _decode_static(self, model, mask_p, n, logits, prefill_cache, params, generator, *,
+    def _decode_static(self, model, mask_p, n, logits, prefill_cache, params, uniforms, *,
                        compiled: bool):
         """Decode on a StaticCache [rows, P + max_new] filled from the prefill; returns
         (completion ids [B, T], behaviour log-probs [B, T], lengths [B], stopped [B])."""
@@ -311,7 +334,7 @@ class HFEngine:
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
         step = self._step_fn(compiled)
         for t in range(max_new):
-            token, logp = _sample(logits, params, generator)
+            token, logp = _sample(logits, params, uniforms(t))
             token = token.masked_fill(stopped, self.pad_token_id)
             tokens_out[:, t] = token
             logp_out[:, t] = logp.masked_fill(stopped, 0.0)
@@ -492,9 +515,10 @@ _CACHE_KWARG = _cache_kwarg()
 
 
 def _sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [rows] and their behaviour log-probs [rows] float32 from logits [rows, V].
+    """Next tokens [rows] and their behaviour log-probs [rows] float32 from logits [rows, V]
+    and one uniform in [0, 1) per row (unused when greedy).
 
     Greedy (temperature 0): argmax, log-prob under softmax(z). Otherwise scores = z / temperature,
     log-prob = log_softmax(scores)[token], and the token is drawn from softmax(scores) restricted
@@ -522,12 +546,13 @@ def _sample(
         sample_scores = torch.full_like(sample_scores, float("-inf")).scatter(
             -1, order, sorted_scores
         )
-    token = _inverse_cdf_sample(sample_scores.softmax(-1), generator)
+    token = _inverse_cdf_sample(sample_scores.softmax(-1), uniforms)
     return token, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row [rows] long from probs [rows, V] (rows sum to ~1, zeros allowed).
+def _inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row [rows] long from probs [rows, V] (rows sum to ~1, zeros allowed) and
+    uniforms [rows] in [0, 1).
 
     token = min{v : cdf_v > u}, u ~ U[0, cdf_{V-1}). Why not ``torch.multinomial``: on CPU it costs
     17.8 ms at [32, 32768] and 187 ms at [64, 151936] against 0.36 ms and 16 ms here
@@ -539,7 +564,7 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torc
     """
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = uniforms.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1)
     u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 

@@ -13,9 +13,10 @@ the same code), with three properties the loss relies on:
   0.4-2.2 at T = 0.7, issue 13). With top-p / top-k vLLM returns the truncated, renormalised
   distribution, and no mode gives the untruncated values the loss uses, so top-p < 1 and
   top-k > 0 are refused (use `rollout.engine: hf`, which handles them exactly).
-* **Seeded.** Each of the ``len(prompts) * n`` rows is its own request (n = 1) with its own seed,
-  drawn from ``params.seed`` (or from torch's global RNG when None, as HFEngine does): same seed,
-  same model, same prompts -> same completions. One request per row also covers greedy decoding,
+* **Seeded.** Each of the ``len(prompts) * n`` rows is its own request (n = 1) whose seed is its
+  row seed (psirl.rollout.seeding: from the prompt's seed, ``params.seeds`` or derived from
+  ``params.seed``, and the sample index), so same seeds, same model, same prompts -> same
+  completions, whatever else shares the call. One request per row also covers greedy decoding,
   where vLLM refuses n > 1; vLLM's prefix cache computes a shared prompt once.
 
 ``sync(model)`` pushes the trainer's current weights in place: ``collective_rpc("reload_weights")``
@@ -35,7 +36,6 @@ and calls ``sync`` after each update; nothing is shared between ranks.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from torch import nn
 from ..models.backbone import unwrap_peft
 from .batch import RolloutBatch, SamplingParams
 from .hf_engine import HFEngine, special_tokens
+from .seeding import call_seeds, row_seeds
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -169,8 +170,7 @@ class VLLMEngine:
                 f"rollout.vllm.max_model_len={self.max_model_len}: the longest prompt "
                 f"({longest} tokens) + max_new_tokens ({params.max_new_tokens}) does not fit"
             )
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        rng = random.Random(seed)
+        seeds = iter(row_seeds(call_seeds(params, len(prompt_ids)), n))
         requests, sampling = [], []
         for ids in prompt_ids:
             for _ in range(n):
@@ -184,7 +184,7 @@ class VLLMEngine:
                         max_tokens=params.max_new_tokens,
                         stop=list(params.stop) or None,
                         stop_token_ids=self.eos_token_ids,
-                        seed=rng.getrandbits(62),
+                        seed=next(seeds),
                         logprobs=0,
                         skip_special_tokens=True,
                     )

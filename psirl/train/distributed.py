@@ -13,7 +13,9 @@ What is global and what is per rank
                     `shard_indices(n, r, W)` of the step's prompts (SFT: examples). The union of
                     the shards is the single-process batch, and a prompt's G samples (its GRPO /
                     RLOO group) are drawn on one rank, so group baselines stay local and exact.
-    sampling noise  per rank: the engine seed is `rank_seed(step seed, rank)`.
+    sampling noise  per prompt: prompt k of the step is sampled from streams seeded by (step
+                    seed, k) (psirl/rollout/seeding.py), so its samples are the same on any rank
+                    and at any world size; a run resumes exactly on another number of ranks.
     normaliser      global: each rank counts its tokens / sequences (core.aggregate
                     ``normaliser_count``) and the counts are all-reduced
                     (`global_step_normaliser`).
@@ -57,7 +59,7 @@ import contextlib
 import datetime
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +89,6 @@ __all__ = [
     "global_step_normaliser",
     "init_distributed",
     "is_main",
-    "rank_seed",
     "reduce_metrics",
     "shard_indices",
     "world",
@@ -311,16 +312,17 @@ def shard_indices(n: int, rank: int, world_size: int) -> range:
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The sampling seed of `rank` for a step whose seed is `seed` (0 <= seed < 2**31 - 1).
-
-    seed_r = (seed + 1_000_003 r) mod (2**31 - 1): rank 0 keeps the step's seed (so one process
-    samples exactly as before) and other ranks draw different noise.
-    """
-    return (seed + 1_000_003 * rank) % (2**31 - 1)
-
-
 # --------------------------------------------------------------------------- global statistics
+
+
+def row_offset(n: int) -> tuple[int, int]:
+    """(rows on the lower ranks, rows on all ranks) for this rank's ``n`` rows: where this rank's
+    rows sit in the global batch (ranks in order, as ``shard_indices`` deals them)."""
+    if world()[1] == 1:
+        return 0, n
+    counts = [int(c) for c in gather_objects(int(n))]
+    rank = world()[0]
+    return sum(counts[:rank]), sum(counts)
 
 
 def global_step_normaliser(mask: Tensor | Sequence[Tensor], mode: str,
@@ -380,44 +382,62 @@ def global_advantages(estimator: str, token_rewards: Tensor, mask: Tensor, group
     return adv[lo:hi], ret[lo:hi]
 
 
-def reduce_metrics(metrics: Mapping[str, float], weight: float) -> dict[str, float]:
+def reduce_metrics(metrics: Mapping[str, float], weight: float, *, token_weight: float = 0.0,
+                   token_means: Collection[str] = ()) -> dict[str, float]:
     """Every rank's step metrics combined into global values, returned on every rank.
 
     weight: this rank's number of sequences in the step (its share of per-sequence means).
+    token_weight / token_means: this rank's number of completion tokens, and the metrics that are
+    masked means over this rank's tokens: those are weighted by tokens, which makes them the
+    exact global token means (the value one process holding every row would log).
     Rules, by metric name, applied to the ranks that report the metric:
       equal on every rank (grad_norm, lr/..., kl/coef): that value
       sum:  "loss/..." (each rank's loss is already divided by the global normaliser, so the
             step's loss is the sum), "perf/..." (throughput of all ranks), counts ending in
-            "failures", "timeouts", "kept_groups"
+            "failures", "timeouts", "kept_groups", and "sampling/samples"
       max:  names containing "max", "time/..." (the slowest rank sets the pace),
             "sampling/resample_rounds", "sampling/skipped_step"
       min:  names containing "min"
       "X/std" next to "X/mean": the pooled sample std of the union,
             sqrt( (sum_r (n_r - 1) s_r^2 + n_r (m_r - m)^2) / (N - 1) )
-      else: mean weighted by `weight` (exact for per-sequence means such as reward/mean,
-            response/length_mean, task/accuracy, kl/mean; a sequence-weighted average of the
-            ranks' values for token-level means such as clip fractions and entropy).
+      else: mean weighted by `token_weight` for the `token_means` keys (clip fractions,
+            entropy, ratio mean, token-mean KL), reward/mean and reward/std by the samples
+            drawn ("sampling/samples"), else by `weight` (per-sequence means such as
+            response/length_mean, task/accuracy, kl/mean); exact in each case. A value equal
+            on every rank (grad_norm, lr, kl/coef) is kept as is.
     One process: `metrics` unchanged (as a dict).
     """
     if world()[1] == 1:
         return dict(metrics)
-    per_rank = gather_objects((dict(metrics), float(weight)))
+    per_rank = gather_objects((dict(metrics), float(weight), float(token_weight)))
     out: dict[str, float] = {}
     for key in metrics:
-        have = [(m[key], w) for m, w in per_rank if key in m]
-        values = [float(v) for v, _ in have]
-        out[key] = _combine(key, values, [w for _, w in have], per_rank)
+        ranks = [(m, _weight_of(key, m, w, tw, token_means)) for m, w, tw in per_rank if key in m]
+        out[key] = _combine(key, ranks)
     return out
 
 
-_SUM_SUFFIXES = ("failures", "timeouts", "kept_groups")
+_SUM_SUFFIXES = ("failures", "timeouts", "kept_groups", "sampling/samples")
 _MAX_KEYS = ("sampling/resample_rounds", "sampling/skipped_step")
+# Per-sample means over every completion drawn (dynamic sampling's rejected rounds included):
+# weighted by the rank's number of samples drawn, not of sequences kept.
+_PER_SAMPLE_DRAWN = ("reward/mean", "reward/std")
 
 
-def _combine(key: str, values: list[float], weights: list[float],
-             per_rank: list[tuple[dict, float]]) -> float:
-    if all(v == values[0] for v in values):
-        return values[0]
+def _weight_of(key: str, m: Mapping[str, float], weight: float, token_weight: float,
+               token_means: Collection[str]) -> float:
+    if key in token_means:
+        return token_weight
+    if key in _PER_SAMPLE_DRAWN and "sampling/samples" in m:
+        return float(m["sampling/samples"])
+    return weight
+
+
+def _combine(key: str, ranks: list[tuple[Mapping[str, float], float]]) -> float:
+    """One global value from the ranks' (metrics, weight) pairs that report ``key``."""
+    values = [float(m[key]) for m, _ in ranks]
+    weights = [w for _, w in ranks]
+    # Sums first: two ranks' equal counts or losses still add up.
     if key.startswith(("loss/", "perf/")) or key.endswith(_SUM_SUFFIXES):
         return sum(values)
     if "max" in key or key.startswith("time/") or key in _MAX_KEYS:
@@ -425,15 +445,16 @@ def _combine(key: str, values: list[float], weights: list[float],
     if "min" in key:
         return min(values)
     total = sum(weights)
+    mean_key = key[: -len("/std")] + "/mean" if key.endswith("/std") else None
+    if mean_key is not None and all(mean_key in m for m, _ in ranks) and total > 1:
+        # Before the equality rule: equal per-rank stds do not make the union's std.
+        means = [float(m[mean_key]) for m, _ in ranks]
+        mean = sum(n * mu for n, mu in zip(weights, means, strict=True)) / total
+        ss = sum((n - 1) * s * s + n * (mu - mean) ** 2
+                 for n, mu, s in zip(weights, means, values, strict=True))
+        return math.sqrt(max(ss, 0.0) / (total - 1))
+    if all(v == values[0] for v in values):
+        return values[0]  # equal on every rank (grad_norm, lr, kl/coef): no rounding
     if total <= 0:
         return sum(values) / len(values)
-    mean_key = key[: -len("/std")] + "/mean" if key.endswith("/std") else None
-    if mean_key is not None and all(mean_key in m and key in m for m, _ in per_rank) and total > 1:
-        means = [float(m[mean_key]) for m, _ in per_rank]
-        stds = [float(m[key]) for m, _ in per_rank]
-        ns = [w for _, w in per_rank]
-        mean = sum(n * mu for n, mu in zip(ns, means, strict=True)) / total
-        ss = sum((n - 1) * s * s + n * (mu - mean) ** 2
-                 for n, mu, s in zip(ns, means, stds, strict=True))
-        return math.sqrt(max(ss, 0.0) / (total - 1))
     return sum(v * w for v, w in zip(values, weights, strict=True)) / total

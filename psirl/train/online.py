@@ -33,6 +33,7 @@ from psirl.models.logprobs import token_logprobs
 from psirl.rewards.base import reward_metrics
 from psirl.rollout.batch import RolloutBatch, SamplingParams
 from psirl.rollout.sampler import Sampler, ScoredRollouts
+from psirl.rollout.seeding import mix_seed, prompt_seeds
 from psirl.train.base import (
     LoopSpec,
     build_optimizer,
@@ -47,8 +48,8 @@ from psirl.train.distributed import (
     any_rank,
     global_advantages,
     global_step_normaliser,
-    rank_seed,
     reduce_metrics,
+    row_offset,
     shard_indices,
     world,
 )
@@ -198,11 +199,12 @@ def build_online(config, run_dir: Path, *, reward_fn=None) -> LoopSpec:
 # ------------------------------------------------------------------------------------ stages
 
 
-def sampling_params(knobs: OnlineKnobs, seed: int) -> SamplingParams:
-    """The engine's parameters for one round of the step (G completions per prompt)."""
+def sampling_params(knobs: OnlineKnobs, seeds: tuple[int, ...]) -> SamplingParams:
+    """The engine's parameters for one round of the step (G completions per prompt, prompt i
+    sampled from the streams of ``seeds[i]``)."""
     s = knobs.sampling
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens, n=s.group_size, seed=seed)
+                          max_new_tokens=s.max_new_tokens, n=s.group_size, seeds=seeds)
 
 
 def forward_logprobs(model, batch: RolloutBatch, knobs: OnlineKnobs, *, with_entropy: bool = False):
@@ -219,21 +221,24 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
     zero-signal groups (equal rewards: no gradient) by fresh prompts, at most
     `max_resample_rounds` times.
 
-    Data-parallel: this rank samples its contiguous shard of the step's prompts (whole groups),
-    with its own seed; one process: all of them, with the step's seed.
+    Data-parallel: this rank samples its contiguous shard of the step's prompts (whole groups).
+    Prompt k of the step is sampled from streams seeded by (the step's seed, k) alone
+    (psirl/rollout/seeding.py), so every prompt gets the same completions at any world size and a
+    run resumed on another number of ranks continues exactly. (Dynamic sampling's refills are
+    dealt by rank, so with it the refilled prompts depend on the world size.)
     """
     config, sampling = run.config, run.knobs.sampling
     order = torch.randperm(len(run.records), generator=generator).tolist()
     rank, world_size = world()
     shard = shard_indices(config.optim.batch_size, rank, world_size)
     n_prompts = len(shard)
-    seed = rank_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)), rank)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
-    def sample(indices: list[int], round_seed: int) -> ScoredRollouts:
+    def sample(indices: list[int], seeds: tuple[int, ...]) -> ScoredRollouts:
         return run.sampler.sample([run.records[i] for i in indices],
-                                  sampling_params(run.knobs, round_seed))
+                                  sampling_params(run.knobs, seeds))
 
-    got = sample(order[shard.start:shard.stop], seed)
+    got = sample(order[shard.start:shard.stop], prompt_seeds(seed, n_prompts, shard.start))
     drawn = [got.rewards]
     rounds_metrics = [got.metrics]
     metrics = {"sampling/zero_signal_frac":
@@ -262,7 +267,7 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
             need = n_prompts - have
             refill = [pool[(cursor + k) % len(pool)] for k in range(need)]
             cursor += need
-            got = sample(refill, seed + rounds)
+            got = sample(refill, tuple(mix_seed(seed, rounds, rank, k) for k in range(need)))
             drawn.append(got.rewards)
             rounds_metrics.append(got.metrics)
         metrics["sampling/resample_rounds"] = float(rounds)
@@ -352,24 +357,45 @@ def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
            generator: torch.Generator) -> dict[str, float]:
     """epochs x minibatches optimiser steps on one rollout; each step's normaliser is computed
     once over its rows (every data-parallel rank's), then its micro-batches (grad_accum) are
-    backpropagated separately. Returns the steps' mean metrics."""
+    backpropagated separately.
+
+    Minibatches are drawn over the GLOBAL batch (every rank's rows, in rank order): minibatch m
+    of an epoch is the same set of sequences at any world size, each rank working on its part of
+    it, so the optimiser steps -- and a run resumed on another number of ranks -- do not depend
+    on how the batch is sharded. With several ranks every rank runs exactly grad_accum passes per
+    step (a rank with fewer rows adds passes of weight 0: FSDP gathers parameters in each pass).
+
+    Returns the update's metrics over all its steps: token means (clip fractions, ratio mean,
+    entropy, KL) weighted by tokens, losses and grad_norm averaged over the steps, ratio max/min.
+    """
     knobs, config = run.knobs, run.config
     sampling = knobs.sampling
     mask = batch.completion_mask
     advantages, returns = scored.scores.advantages, scored.scores.returns
     loss_knobs = knobs.loss if scored.ref_logp is not None else _without_kl(knobs.loss)
-    per_step: list[dict[str, float]] = []
     n = mask.shape[0]
+    offset, total = row_offset(n)
+    pad_passes = world()[1] > 1
+    micro_metrics: list[tuple[dict[str, float], float]] = []  # (metrics, tokens) per pass
+    step_metrics: list[dict[str, float]] = []
+    padding = 0
     for _epoch in range(sampling.epochs):
-        perm = torch.randperm(n, generator=generator).tolist() if sampling.minibatches > 1 else list(range(n))
-        for mb in split_microbatches(n, sampling.minibatches):
-            mb_rows = perm[mb]
+        perm = (torch.randperm(total, generator=generator).tolist() if sampling.minibatches > 1
+                else list(range(total)))
+        for mb in split_microbatches(total, sampling.minibatches):
+            mb_rows = [g - offset for g in perm[mb] if offset <= g < offset + n]
             normaliser = global_step_normaliser(mask[mb_rows], loss_knobs.aggregation,
                                                 loss_knobs.constant_normaliser)
             v_norm = global_step_normaliser(mask[mb_rows], "token_mean")
-            micro_metrics: list[dict[str, float]] = []
-            for micro in split_microbatches(len(mb_rows), config.optim.grad_accum):
+            micros = split_microbatches(len(mb_rows), config.optim.grad_accum)
+            if pad_passes:
+                padding += config.optim.grad_accum - len(micros)
+                micros += [slice(0, 0)] * (config.optim.grad_accum - len(micros))
+            step_sums: dict[str, float] = dict.fromkeys(_SUMMED_NAMES, 0.0)
+            for micro in micros:
                 rows = mb_rows[micro]
+                weight = 1.0 if rows else 0.0  # 0: a padding pass (row 0, gradient exactly 0)
+                rows = rows or [0]
                 sub = batch.select(rows)
                 logp, entropy = forward_logprobs(run.model, sub, knobs, with_entropy=True)
                 loss, lm = policy_loss(
@@ -378,28 +404,37 @@ def update(run: OnlineRun, batch: RolloutBatch, scored: Scored,
                     entropy=entropy, kl_coef=scored.beta,
                     is_weights=scored.is_weights[rows] if scored.is_weights is not None else None,
                 )
-                loss.backward()
+                (loss * weight).backward()
                 if run.value_model is not None:
                     values = run.value_model.values(sub.input_ids, sub.attention_mask, mask.shape[1])
                     vloss = knobs.value.vf_coef * clipped_value_loss(
                         values, scored.old_values[rows], returns[rows], mask[rows],
                         knobs.value.value_clip, v_norm)
-                    vloss.backward()
+                    (vloss * weight).backward()
                     lm["value_loss"] = float(vloss.detach())
                     lm["value_clip_frac"] = value_clip_fraction(
                         values, scored.old_values[rows], returns[rows], mask[rows],
                         knobs.value.value_clip)
-                micro_metrics.append(lm)
-            step_metrics = _combine_micro_metrics(micro_metrics)
+                if weight:
+                    micro_metrics.append((lm, float(mask[rows].sum())))
+                    for key in _SUMMED_NAMES.keys() & lm.keys():
+                        step_sums[key] += float(lm[key])
             all_reduce_gradients(run.params)  # data-parallel: summed = the full-batch gradient
-            step_metrics["grad_norm"] = clip_and_step(run.params, run.optimizers["policy"],
-                                                      run.schedulers["policy"], config.optim.grad_clip)
+            step_sums["grad_norm"] = clip_and_step(run.params, run.optimizers["policy"],
+                                                   run.schedulers["policy"], config.optim.grad_clip)
             if run.value_model is not None:
                 all_reduce_gradients(run.value_params)
                 clip_and_step(run.value_params, run.optimizers["value"], run.schedulers["value"],
                               config.optim.grad_clip)
-            per_step.append(step_metrics)
-    return {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
+            step_metrics.append(step_sums)
+    out = {_METRIC_NAMES.get(k, k): sum(m[k] for m in step_metrics) / len(step_metrics)
+           for k in step_metrics[0] if k in _SUMMED_NAMES or k == "grad_norm"}
+    if run.value_model is None:
+        out.pop("loss/value", None)
+    out.update(_token_weighted(micro_metrics))
+    if pad_passes:
+        out["perf/padding_passes"] = float(padding)  # summed over ranks: compute spent on nothing
+    return out
 
 
 def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> dict[str, float]:
@@ -444,7 +479,9 @@ def online_step(run: OnlineRun, step_index: int, generator: torch.Generator) -> 
     t_learn = time.perf_counter()
     metrics["time/learn_s"] = t_learn - t_score
     metrics["perf/tokens_per_s"] = float(mask.sum()) / max(t_learn - t0, 1e-9)
-    metrics = reduce_metrics(metrics, weight=float(mask.shape[0]))  # global values
+    metrics = reduce_metrics(metrics, weight=float(mask.shape[0]), token_weight=float(mask.sum()),
+                             token_means=TOKEN_MEAN_METRICS | {
+                                 f"kl/{run.knobs.loss.kl_estimator}_token_mean"})  # global values
 
     knobs = run.knobs
     if run.ref_model is not None and knobs.kl_control.adaptive and "kl/mean" in metrics:
@@ -493,7 +530,9 @@ def _without_kl(loss_knobs):
 
 # Summed over micro-batches (each already divided by the step's normaliser); the rest are
 # per-micro-batch means, averaged.
-_SUMMED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss")
+# Per-pass policy_loss metrics that add up over passes and ranks (each is the pass's share of the
+# step's loss, already divided by the global normaliser).
+_SUMMED_NAMES = dict.fromkeys(("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss"))
 # policy_loss metric name -> name in metrics.jsonl
 _METRIC_NAMES = {
     "loss": "loss/total", "pg_loss": "loss/policy", "kl_loss": "loss/kl",
@@ -503,14 +542,23 @@ _METRIC_NAMES = {
     "ratio_max": "ratio/max", "kl_mean": "kl/loss_estimate_mean", "entropy_mean": "entropy/mean",
     "value_clip_frac": "value/clip_frac",
 }
+# The logged metrics that are masked means over completion tokens (reduced over ranks by tokens).
+TOKEN_MEAN_METRICS = frozenset({
+    "clip/frac_low", "clip/frac_high", "clip/frac_dual", "ratio/mean", "kl/loss_estimate_mean",
+    "entropy/mean", "value/clip_frac"})
 
 
-def _combine_micro_metrics(micro: list[dict[str, float]]) -> dict[str, float]:
-    out = {}
-    for key in micro[0]:
-        values = [m[key] for m in micro]
-        total = sum(values)
-        out[_METRIC_NAMES.get(key, key)] = total if key in _SUMMED else total / len(values)
-    out["ratio/max"] = max(m["ratio_max"] for m in micro)
-    out["ratio/min"] = min(m["ratio_min"] for m in micro)
+def _token_weighted(passes: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """The token means of policy_loss over an update's passes [(metrics, tokens)], weighted by
+    each pass's tokens (the mean over every token the update saw), and the ratio's max / min."""
+    out: dict[str, float] = {}
+    if not passes:
+        return out
+    tokens = sum(t for _, t in passes)
+    for key in passes[0][0]:
+        name = _METRIC_NAMES.get(key, key)
+        if name in TOKEN_MEAN_METRICS and tokens > 0:
+            out[name] = sum(float(m[key]) * t for m, t in passes) / tokens
+    out["ratio/max"] = max(float(m["ratio_max"]) for m, _ in passes)
+    out["ratio/min"] = min(float(m["ratio_min"]) for m, _ in passes)
     return out

@@ -24,7 +24,7 @@ class ScriptedEngine:
             return f"[{expr}]" if self.use_tool else "0"
         return context.rsplit("=", 1)[1].strip()  # copy the calculator's value
 
-    def generate_ids(self, prompt_ids, params):
+    def generate_ids(self, prompt_ids, params, **streams):
         tok = self.tokenizer
         turns = [tok(self.turn(tok.decode(ids)), add_special_tokens=False)["input_ids"]
                  + [tok.eos_token_id] for ids in prompt_ids]

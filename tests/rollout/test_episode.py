@@ -83,8 +83,8 @@ class SpyEngine:
     def encode_prompts(self, prompts):
         return self.engine.encode_prompts(prompts)
 
-    def generate_ids(self, prompt_ids, params):
-        out = self.engine.generate_ids(prompt_ids, params)
+    def generate_ids(self, prompt_ids, params, **streams):
+        out = self.engine.generate_ids(prompt_ids, params, **streams)
         lengths = out.completion_mask.sum(1).long().tolist()
         sampled = [row[:n] for row, n in zip(out.completion_ids.tolist(), lengths, strict=True)]
         self.calls.append(([list(p) for p in prompt_ids], sampled,

@@ -132,7 +132,7 @@ def check_row_invariants(batch: RolloutBatch, tok, stop: tuple[str, ...], max_ne
 
 def test_eos_stop_strings_truncation_and_masks(ab_policy):
     model, tok = ab_policy
-    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=8, seed=0, stop=["ba"])
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=8, seed=1, stop=["ba"])
     batch = HFEngine(model, tok).generate(["ab", "b", "aab"], params)
     kinds = check_row_invariants(batch, tok, params.stop, params.max_new_tokens)
     assert kinds == {"eos", "stop", "truncated"}  # the seed exercises all three endings
@@ -143,7 +143,7 @@ def test_long_completions_never_miss_a_stop_string(ab_policy):
     """Beyond the decoded-tail window (2 * len + 8 tokens) and with special tokens in between,
     each stop string is still caught on the token that completes it."""
     model, tok = ab_policy
-    params = SamplingParams(temperature=1.0, max_new_tokens=40, n=16, seed=0, stop=["bab", "aaa"])
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, n=16, seed=1, stop=["bab", "aaa"])
     batch = HFEngine(model, tok).generate(["ab", "b"], params)
     kinds = check_row_invariants(batch, tok, params.stop, params.max_new_tokens)
     assert "stop" in kinds

@@ -99,11 +99,16 @@ def gradient_part(data: dict, tiny_dir: str, rank: int, world_size: int) -> dict
     out["partial_grad"] = (a.grad.clone(), b.grad)
 
     # Metrics: rank 0 saw rewards [0, 1], rank 1 saw [1, 1, 1].
+    # Equal losses on both ranks still add up; entropy is a token mean (10 and 30 tokens).
     local = ({"reward/mean": 0.5, "reward/std": 0.5**0.5, "loss/total": 1.0, "ratio/max": 1.5,
-              "ratio/min": 0.9, "grad_norm": 3.0} if rank == 0 else
+              "ratio/min": 0.9, "grad_norm": 3.0, "loss/kl": 0.25, "sampling/samples": 2.0,
+              "entropy/mean": 1.0, "x/mean": 0.5, "x/std": 0.5} if rank == 0 else
              {"reward/mean": 1.0, "reward/std": 0.0, "loss/total": 2.0, "ratio/max": 1.2,
-              "ratio/min": 0.7, "grad_norm": 3.0})
-    out["metrics"] = D.reduce_metrics(local, weight=2.0 if rank == 0 else 3.0)
+              "ratio/min": 0.7, "grad_norm": 3.0, "loss/kl": 0.25, "sampling/samples": 3.0,
+              "entropy/mean": 2.0, "x/mean": 0.5, "x/std": 0.5})
+    out["metrics"] = D.reduce_metrics(local, weight=2.0 if rank == 0 else 3.0,
+                                      token_weight=10.0 if rank == 0 else 30.0,
+                                      token_means={"entropy/mean"})
     out["gathered"] = D.gather_floats([float(rank), 10.0 + rank])
     return out
 

@@ -163,6 +163,9 @@ def runs_part(root: Path) -> dict:
     online.build_online = build_and_keep
     out = {}
     train(str(root / "grpo.yaml"))
+    if D.is_main():  # the test resumes this copy of the 2-rank, 2-step run in one process
+        shutil.copytree(root / "grpo", root / "grpo_resumed_1rank")
+    D.barrier()
     train("--resume", str(root / "grpo"), "max_steps=3")
     out["digest_resumed"] = digest()
     train(str(root / "grpo.yaml"), f"output_dir={root / 'grpo_uninterrupted'}", "max_steps=3")

@@ -211,6 +211,10 @@ def test_gradient_reduction_keeps_none_and_metrics_are_global(two_ranks):
         assert m["reward/mean"] == pytest.approx(0.8, abs=1e-12)
         assert m["reward/std"] == pytest.approx(math.sqrt(0.2), abs=1e-12)
         assert (m["loss/total"], m["ratio/max"], m["ratio/min"], m["grad_norm"]) == (3.0, 1.5, 0.7, 3.0)
+        assert (m["loss/kl"], m["sampling/samples"]) == (0.5, 5.0)
+        assert m["entropy/mean"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40, abs=1e-12)
+        # Equal stds on both ranks are pooled all the same: sqrt((1 + 2) * 0.25 / 4).
+        assert m["x/std"] == pytest.approx(math.sqrt(0.75 / 4), abs=1e-12)
         assert results[rank]["gathered"] == [[0.0, 10.0], [1.0, 11.0]]
 
 
@@ -300,7 +304,6 @@ def test_helpers_are_identities_with_one_process():
     assert D.global_step_normaliser(mask, "seq_mean_token_mean") == 2.0
     assert D.global_step_normaliser(mask, "constant", 4.0) == 8.0
     assert D.reduce_metrics({"a": 1.0}, weight=3.0) == {"a": 1.0}
-    assert D.rank_seed(12345, 0) == 12345 and D.rank_seed(12345, 1) != 12345
     # Contiguous shards that partition the batch in order; sizes differ by at most one.
     assert [list(D.shard_indices(5, r, 2)) for r in range(2)] == [[0, 1], [2, 3, 4]]
     assert [list(D.shard_indices(2, r, 3)) for r in range(3)] == [[], [0], [1]]

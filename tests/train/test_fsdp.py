@@ -8,10 +8,13 @@ computed here, in one process, from the plain full-batch losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,10 +60,24 @@ def _grpo_config(output_dir: Path, tiny_dir: Path) -> dict:
                           "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3},
                                     "kl_control": {"ref_reset_every": 3}}},
             "reward": {"kind": "format", "pattern": "^1"},
-            "optim": {"lr": 1e-2, "batch_size": 4},
+            # 2 minibatches of 8 rows drawn over both ranks' rows, 4 passes each: a rank holding
+            # fewer than 4 rows of a minibatch pads with weight-0 passes (FSDP needs equal passes).
+            "optim": {"lr": 1e-2, "batch_size": 4, "grad_accum": 4},
             "eval": {"every": 2, "n": 4, "max_new_tokens": 3},
             "checkpoint": {"every": 1},
             "distributed": {"strategy": "fsdp"}}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+            "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def _torchrun_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +90,8 @@ def fsdp_ranks(tmp_path_factory):
     torch.save(data, root / "data.pt")
     (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft")))
     (root / "grpo.yaml").write_text(yaml.safe_dump(_grpo_config(root / "grpo", tiny_dir)))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_torchrun(str(WORKER), str(root)), env=_torchrun_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root, data, tiny_dir, torch.load(root / "fsdp_rank0.pt", weights_only=False)
 
@@ -229,11 +242,101 @@ def test_sharded_grpo_run_resumes_exactly(fsdp_ranks):
     records = read_metrics(root / "grpo")
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert all(r["loss/total"] == r["loss/total"] for r in records[1:])  # finite, logged
+    # The global minibatches did split unevenly over the ranks, so padding passes ran.
+    assert sum(r["perf/padding_passes"] for r in records[1:]) > 0
     assert metrics_differences(root / "grpo", root / "grpo_uninterrupted") == []
     assert results["digest_resumed"] == results["digest_uninterrupted"]
     assert [r.get("kl/ref_reset") for r in records] == [None, None, None, 1.0]
-    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=1e-4) == []
+    # FSDP's reduce-scatter and the data-parallel all-reduce add in different orders; at lr 1e-2
+    # the 1e-7 differences grow to ~1e-3 of the near-zero policy loss by step 3 (the one-step
+    # tests above hold both to 1e-6).
+    assert metrics_differences(root / "grpo_uninterrupted", root / "grpo_ddp", rel_tol=5e-3) == []
     assert (root / "grpo" / "final" / "model.safetensors").is_file()
+
+
+def test_sharded_grpo_run_resumes_exactly_in_one_process(fsdp_ranks):
+    """The 2-rank GRPO run's step-2 checkpoint (DCP shards) resumed by ONE process continues as
+    the 2 ranks did: every prompt is sampled from streams keyed by its position in the step, not
+    by the rank that samples it, so the samples, rewards, KL and reference reset of step 3 are
+    the uninterrupted 2-rank run's (float summation order differs: 1e-5)."""
+    root, *_ = fsdp_ranks
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_config(load_run_config(root / "grpo_resumed_1rank", ["max_steps=3"]), resume=True,
+                   quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    one = read_metrics(root / "grpo_resumed_1rank")
+    assert [r["step"] for r in one] == [0, 1, 2, 3]
+    assert one[3]["kl/ref_reset"] == 1.0
+    assert metrics_differences(root / "grpo_resumed_1rank", root / "grpo_uninterrupted",
+                               rel_tol=1e-5) == []
+    want = load_file(str(root / "grpo_uninterrupted" / "final" / "model.safetensors"))
+    got = load_file(str(root / "grpo_resumed_1rank" / "final" / "model.safetensors"))
+    _assert_same_parameters(got, want, atol=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, children.read_text().split()):
+                out += [child, *_descendants(child)]
+    return out
+
+
+def _wait_dead(pids: list[int], timeout: float = 60.0) -> None:
+    """Until every pid has exited (gone, or a zombie: its files, and flocks, are closed)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except (OSError, IndexError):
+                break
+            time.sleep(0.05)
+
+
+def test_sharded_grpo_run_killed_midway_resumes_in_one_process(fsdp_ranks, tmp_path):
+    """2 FSDP ranks (torchrun, the CLI) are SIGKILLed, whole process group, once the step-1
+    checkpoint is on disk; one process resumes the run from its newest intact checkpoint and
+    finishes with the uninterrupted 2-rank run's metrics and weights."""
+    root, _, tiny_dir, _ = fsdp_ranks
+    run_dir = tmp_path / "killed"
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(_grpo_config(run_dir, tiny_dir) | {"max_steps": 3}))
+    proc = subprocess.Popen(_torchrun("-m", "psirl.cli", "train", str(config), "--quiet"),
+                            env=_torchrun_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "step-00000001").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no step-1 checkpoint"
+            time.sleep(0.05)
+    finally:
+        # torchrun starts each worker in its own session: kill the workers by pid, then torchrun.
+        victims = [*_descendants(proc.pid), proc.pid]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _wait_dead(victims)
+    assert not (run_dir / "final").exists()  # killed before the end
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_config(load_run_config(run_dir), resume=True, quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+    # Two steps in one process after the kill: float rounding grows to ~1e-5 of the losses.
+    assert metrics_differences(run_dir, root / "grpo_uninterrupted", rel_tol=1e-4) == []
+    want = load_file(str(root / "grpo_uninterrupted" / "final" / "model.safetensors"))
+    got = load_file(str(run_dir / "final" / "model.safetensors"))
+    _assert_same_parameters(got, want, atol=1e-5)
 
 
 def test_fsdp_config_errors_name_the_key(tmp_path, monkeypatch):
