@@ -169,18 +169,14 @@ def check_equal_passes(config, spec) -> None:
     """Refuse an FSDP run in which ranks could run different numbers of forward passes per
     optimiser step (every layer's gather is a collective, so the passes must pair up): the
     micro-batches of a step are ``split_microbatches(rows on this rank, optim.grad_accum)``,
-    equal in number on every rank only when every rank holds at least ``grad_accum`` rows."""
+    equal in number on every rank only when every rank holds at least ``grad_accum`` rows. (The
+    online loop's update adds weight-0 passes instead, so it needs no such bound.)"""
     _, world_size = world()
     if not uses_fsdp(config) or world_size == 1:
         return
     rows = config.optim.batch_size // world_size
-    if config.loop == "online":
-        from psirl.train.config import resolve_algorithm
-
-        sampling = resolve_algorithm(config).sampling
-        rows = (1 if sampling.dynamic_sampling else rows) * sampling.group_size
-        rows //= max(1, sampling.minibatches)
-    if rows < config.optim.grad_accum:
+    # The online loop pads: every rank runs exactly grad_accum passes per step (online.update).
+    if config.loop != "online" and rows < config.optim.grad_accum:
         raise ValueError(
             f"optim.grad_accum: {config.optim.grad_accum} micro-batches need at least as many rows "
             f"on every rank under distributed.strategy fsdp, which may hold only {rows} "

@@ -48,6 +48,7 @@ from psirl.train.distributed import (
     any_rank,
     global_advantages,
     global_step_normaliser,
+    gather_objects,
     reduce_metrics,
     row_offset,
     shard_indices,
@@ -221,67 +222,85 @@ def collect(run: OnlineRun, step_index: int, generator: torch.Generator) -> Coll
     zero-signal groups (equal rewards: no gradient) by fresh prompts, at most
     `max_resample_rounds` times.
 
-    Data-parallel: this rank samples its contiguous shard of the step's prompts (whole groups).
-    Prompt k of the step is sampled from streams seeded by (the step's seed, k) alone
-    (psirl/rollout/seeding.py), so every prompt gets the same completions at any world size and a
-    run resumed on another number of ranks continues exactly. (Dynamic sampling's refills are
-    dealt by rank, so with it the refilled prompts depend on the world size.)
+    Data-parallel: each round's prompts are dealt to the ranks in contiguous shards (whole
+    groups), and prompt k of round r is sampled from streams seeded by (the step's seed, r, k)
+    alone (psirl/rollout/seeding.py), so every prompt gets the same completions at any world
+    size. Dynamic sampling decides globally, as one process would: the first groups with signal,
+    in (round, position) order, are kept, and the kept groups are dealt to the ranks again in
+    that order, so the step's batch -- and a run resumed on another number of ranks -- does not
+    depend on the world size.
     """
     config, sampling = run.config, run.knobs.sampling
     order = torch.randperm(len(run.records), generator=generator).tolist()
     rank, world_size = world()
-    shard = shard_indices(config.optim.batch_size, rank, world_size)
-    n_prompts = len(shard)
+    batch_size = config.optim.batch_size
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-
-    def sample(indices: list[int], seeds: tuple[int, ...]) -> ScoredRollouts:
-        return run.sampler.sample([run.records[i] for i in indices],
-                                  sampling_params(run.knobs, seeds))
-
-    got = sample(order[shard.start:shard.stop], prompt_seeds(seed, n_prompts, shard.start))
-    drawn = [got.rewards]
-    rounds_metrics = [got.metrics]
-    metrics = {"sampling/zero_signal_frac":
-               float(zero_signal_groups(got.rewards, got.batch.group_ids).float().mean()),
-               "sampling/resample_rounds": 0.0}
-    result: ScoredRollouts | None = got
-    if sampling.dynamic_sampling:
-        kept: list[ScoredRollouts] = []
-        # Refills come from the prompts after the step's batch (wrapping round), dealt by rank.
-        offset = config.optim.batch_size % len(order)
-        pool = (order[offset:] + order[:offset])[rank::world_size]
-        cursor, rounds, have = 0, 0, 0
-        while True:
-            groups = got.batch.group_ids.tolist()
-            signal = dynamic_sampling_keep(got.rewards, got.batch.group_ids).tolist()
-            keep_groups = set(sorted({g for g, k in zip(groups, signal, strict=True) if k})
-                              [: n_prompts - have])
-            rows = [i for i, g in enumerate(groups) if g in keep_groups]
-            if rows:
-                kept.append(ScoredRollouts(got.batch.select(rows), got.rewards[rows],
-                                           [got.records[i] for i in rows], got.metrics))
-                have += len(keep_groups)
-            if have >= n_prompts or rounds >= sampling.max_resample_rounds:
-                break
-            rounds += 1
-            need = n_prompts - have
-            refill = [pool[(cursor + k) % len(pool)] for k in range(need)]
-            cursor += need
-            got = sample(refill, tuple(mix_seed(seed, rounds, rank, k) for k in range(need)))
+    prompts, seeds = order[:batch_size], prompt_seeds(seed, batch_size)
+    offset = batch_size % len(order)
+    pool = order[offset:] + order[:offset]  # refills: the prompts after the step's batch
+    drawn: list[torch.Tensor] = []
+    rounds_metrics: list[dict[str, float]] = []
+    kept: list[tuple[int, int, ScoredRollouts]] = []  # (round, position, one group's rows)
+    metrics: dict[str, float] = {"sampling/resample_rounds": 0.0}
+    rounds, cursor, have = 0, 0, 0
+    while True:
+        shard = shard_indices(len(prompts), rank, world_size)
+        # A rank without prompts this round samples a stand-in and drops it: under FSDP every
+        # rank must take part in every generate (each one gathers the layers, a collective).
+        mine = list(shard) or ([0] if world_size > 1 else [])
+        got = run.sampler.sample([run.records[prompts[k]] for k in mine],
+                                 sampling_params(run.knobs, tuple(seeds[k] for k in mine)))
+        if not shard:
+            got = None
+        else:
             drawn.append(got.rewards)
             rounds_metrics.append(got.metrics)
+        if not sampling.dynamic_sampling:
+            metrics["sampling/zero_signal_frac"] = float(
+                zero_signal_groups(got.rewards, got.batch.group_ids).float().mean())
+            result = got
+            break
+        signal = (dynamic_sampling_keep(got.rewards, got.batch.group_ids)
+                  [:: sampling.group_size].tolist() if got is not None else [])
+        signal = [flag for part in gather_objects(signal) for flag in part]  # by position
+        if rounds == 0:
+            metrics["sampling/zero_signal_frac"] = 1.0 - sum(signal) / len(signal)
+        keep = [k for k, flag in enumerate(signal) if flag][: batch_size - have]
+        for k in keep:
+            if k in shard:
+                first = (k - shard.start) * sampling.group_size  # a group's rows are consecutive
+                rows = list(range(first, first + sampling.group_size))
+                kept.append((rounds, k, ScoredRollouts(got.batch.select(rows).to("cpu"),
+                                                       got.rewards[rows],
+                                                       [got.records[i] for i in rows])))
+        have += len(keep)
+        if have >= batch_size or rounds >= sampling.max_resample_rounds:
+            break
+        rounds += 1
+        need = batch_size - have
+        prompts = [pool[(cursor + k) % len(pool)] for k in range(need)]
+        seeds = tuple(mix_seed(seed, rounds, k) for k in range(need))
+        cursor += need
+    if sampling.dynamic_sampling:
+        if world_size > 1:  # deal the kept groups again, in (round, position) order
+            every_kept = sorted((g for part in gather_objects(kept) for g in part),
+                                key=lambda g: g[:2])
+            share = shard_indices(len(every_kept), rank, world_size)
+            kept = every_kept[share.start:share.stop]
         metrics["sampling/resample_rounds"] = float(rounds)
-        metrics["sampling/kept_groups"] = float(have)
-        result = (ScoredRollouts(RolloutBatch.cat([k.batch for k in kept]),
-                                 torch.cat([k.rewards for k in kept]),
-                                 [r for k in kept for r in k.records]) if kept else None)
+        metrics["sampling/kept_groups"] = float(len(kept))  # summed over ranks
+        groups = [g for _, _, g in kept]
+        result = (ScoredRollouts(RolloutBatch.cat([g.batch for g in groups]),
+                                 torch.cat([g.rewards for g in groups]),
+                                 [r for g in groups for r in g.records]) if groups else None)
     # Episode metrics (turns, tool calls, environment time), averaged over the step's rounds.
     for key in {k for m in rounds_metrics for k in m}:
         values = [m[key] for m in rounds_metrics if key in m]
         metrics[key] = sum(values) / len(values)
-    every = torch.cat(drawn)
-    metrics["reward/mean"] = float(every.mean())
-    metrics["reward/std"] = float(every.std()) if every.numel() > 1 else 0.0
+    every = torch.cat(drawn) if drawn else torch.zeros(0)
+    if every.numel():
+        metrics["reward/mean"] = float(every.mean())
+        metrics["reward/std"] = float(every.std()) if every.numel() > 1 else 0.0
     metrics["sampling/samples"] = float(every.numel())
     return Collected(rollouts=result, metrics=metrics)
 
@@ -506,20 +525,15 @@ def _episode_evaluator(config, sampler: Sampler, task, max_new_tokens: int):
 
 
 def _check_data_parallel(config, sampling) -> None:
-    """Every rank must take the same number of optimiser steps per rollout: each needs at least
-    one prompt, and at least `sampling.minibatches` rows (with dynamic sampling a rank may keep
-    a single group of G rows)."""
+    """Every rank needs at least one prompt of the step's batch. (Minibatches are drawn over the
+    global batch and every rank runs the same passes, so a rank may hold fewer rows than there
+    are minibatches.)"""
     _, world_size = world()
     if world_size == 1:
         return
     if config.optim.batch_size < world_size:
         raise ValueError(f"optim.batch_size: {config.optim.batch_size} prompts cannot be shared "
                          f"by {world_size} data-parallel ranks (need batch_size >= world size)")
-    prompts = 1 if sampling.dynamic_sampling else config.optim.batch_size // world_size
-    if sampling.minibatches > sampling.group_size * prompts:
-        raise ValueError(f"algorithm.knobs.sampling.minibatches: {sampling.minibatches} minibatches "
-                         f"need at least as many rows on every data-parallel rank, which may hold "
-                         f"only {sampling.group_size * prompts}")
 
 
 def _without_kl(loss_knobs):
@@ -528,8 +542,6 @@ def _without_kl(loss_knobs):
     return dataclasses.replace(loss_knobs, kl_placement="none", kl_coef=0.0)
 
 
-# Summed over micro-batches (each already divided by the step's normaliser); the rest are
-# per-micro-batch means, averaged.
 # Per-pass policy_loss metrics that add up over passes and ranks (each is the pass's share of the
 # step's loss, already divided by the global normaliser).
 _SUMMED_NAMES = dict.fromkeys(("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss"))

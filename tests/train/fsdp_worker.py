@@ -162,6 +162,7 @@ def runs_part(root: Path) -> dict:
 
     online.build_online = build_and_keep
     out = {}
+    train(str(root / "dapo.yaml"))
     train(str(root / "grpo.yaml"))
     if D.is_main():  # the test resumes this copy of the 2-rank, 2-step run in one process
         shutil.copytree(root / "grpo", root / "grpo_resumed_1rank")

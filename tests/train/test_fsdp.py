@@ -80,6 +80,21 @@ def _torchrun_env() -> dict[str, str]:
     return env
 
 
+def _dapo_config(output_dir: Path, tiny_dir: Path) -> dict:
+    """DAPO (dynamic sampling): a reward that about a third of the tiny model's samples meet
+    (first character 0-4 of ALPHABET), so some groups have no signal and are replaced by
+    refills."""
+    config = _grpo_config(output_dir, tiny_dir)
+    config["algorithm"] = {"preset": "dapo",
+                           "knobs": {"sampling": {"group_size": 4, "max_new_tokens": 3,
+                                                  "max_resample_rounds": 2}}}
+    config["reward"] = {"kind": "format", "pattern": "^[0-4]"}  # 5 of the 13 characters
+    config["optim"] = {"lr": 1e-2, "batch_size": 6, "grad_accum": 2}
+    config["max_steps"] = 3
+    config["checkpoint"] = {"every": 0}
+    return config
+
+
 @pytest.fixture(scope="module")
 def fsdp_ranks(tmp_path_factory):
     """Launch the 2-rank worker once; return (root, data, tiny_dir, rank 0's results)."""
@@ -90,6 +105,7 @@ def fsdp_ranks(tmp_path_factory):
     torch.save(data, root / "data.pt")
     (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft")))
     (root / "grpo.yaml").write_text(yaml.safe_dump(_grpo_config(root / "grpo", tiny_dir)))
+    (root / "dapo.yaml").write_text(yaml.safe_dump(_dapo_config(root / "dapo", tiny_dir)))
     proc = subprocess.run(_torchrun(str(WORKER), str(root)), env=_torchrun_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -277,31 +293,35 @@ def test_sharded_grpo_run_resumes_exactly_in_one_process(fsdp_ranks):
     _assert_same_parameters(got, want, atol=1e-5)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc)."""
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains ``text`` (Linux /proc)."""
     out = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
-            for child in map(int, children.read_text().split()):
-                out += [child, *_descendants(child)]
+            if text.encode() in cmdline.read_bytes():
+                out.append(int(cmdline.parent.name))
     return out
 
 
-def _wait_dead(pids: list[int], timeout: float = 60.0) -> None:
-    """Until every pid has exited (gone, or a zombie: its files, and flocks, are closed)."""
+def _wait_unlocked(lock: Path, timeout: float = 120.0) -> None:
+    """Until no process holds the run folder's flock (the kernel drops it when the holder's
+    files are closed at exit)."""
+    import fcntl
+
     deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline:
+    with open(lock, "a+") as fh:
+        while True:
             try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            except (OSError, IndexError):
-                break
-            time.sleep(0.05)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{lock} still held: {lock.read_text()}"
+                time.sleep(0.1)
 
 
 def test_sharded_grpo_run_killed_midway_resumes_in_one_process(fsdp_ranks, tmp_path):
-    """2 FSDP ranks (torchrun, the CLI) are SIGKILLed, whole process group, once the step-1
+    """2 FSDP ranks (torchrun, the CLI) are SIGKILLed, with torchrun, once the step-1
     checkpoint is on disk; one process resumes the run from its newest intact checkpoint and
     finishes with the uninterrupted 2-rank run's metrics and weights."""
     root, _, tiny_dir, _ = fsdp_ranks
@@ -317,13 +337,12 @@ def test_sharded_grpo_run_killed_midway_resumes_in_one_process(fsdp_ranks, tmp_p
             assert proc.poll() is None and time.monotonic() < deadline, "no step-1 checkpoint"
             time.sleep(0.05)
     finally:
-        # torchrun starts each worker in its own session: kill the workers by pid, then torchrun.
-        victims = [*_descendants(proc.pid), proc.pid]
-        for pid in victims:
+        # torchrun and both workers: every process started with this run's config file.
+        for pid in _processes_mentioning(str(config)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=60)
-        _wait_dead(victims)
+    _wait_unlocked(run_dir / ".psirl.lock")
     assert not (run_dir / "final").exists()  # killed before the end
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -337,6 +356,29 @@ def test_sharded_grpo_run_killed_midway_resumes_in_one_process(fsdp_ranks, tmp_p
     want = load_file(str(root / "grpo_uninterrupted" / "final" / "model.safetensors"))
     got = load_file(str(run_dir / "final" / "model.safetensors"))
     _assert_same_parameters(got, want, atol=1e-5)
+
+
+def test_dynamic_sampling_decides_globally_so_one_process_repeats_two_ranks(fsdp_ranks):
+    """DAPO's dynamic sampling under 2 FSDP ranks keeps the groups one process keeps (the first
+    with signal in (round, position) order) and deals them to the ranks again: the same config
+    in one process logs the 2-rank run's metrics and ends with its weights."""
+    root, _, tiny_dir, _ = fsdp_ranks
+    records = read_metrics(root / "dapo")
+    assert sum(r.get("sampling/resample_rounds", 0) for r in records) > 0  # refills happened
+    cfg = _dapo_config(root / "dapo_1process", tiny_dir)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_config(config_from_dict(cfg), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    assert metrics_differences(root / "dapo_1process", root / "dapo", rel_tol=1e-4) == []
+    want = load_file(str(root / "dapo" / "final" / "model.safetensors"))
+    got = load_file(str(root / "dapo_1process" / "final" / "model.safetensors"))
+    # 1e-4: the attention key biases get gradients of pure rounding noise (a softmax does not
+    # see a shift of every key), which AdamW scales up to steps of ~lr; measured 2e-5 there,
+    # < 1e-6 on every other tensor.
+    _assert_same_parameters(got, want, atol=1e-4)
 
 
 def test_fsdp_config_errors_name_the_key(tmp_path, monkeypatch):
