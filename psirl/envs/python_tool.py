@@ -66,15 +66,53 @@ class PythonToolEnv(ToolCallEnv):
         self.record: dict[str, Any] = {}
 
     def call(self, match: re.Match) -> EnvStep:
-        name, argument = match.group(1), match.group(2).strip()
-        if name not in self.tools:
-            output, ok = f"unknown tool {name!r}; tools: {', '.join(self.tools)}", False
-        elif name == "calc":
-            try:
-                output, ok = format_number(safe_eval(argument)), True
-            except ValueError as exc:
-                output, ok = f"error: {exc}", False
-        else:
-            output, ok = run_python(argument, self.wall_time_s, self.max_output_chars)
+        output, ok = self.run_tool(match.group(1), match.group(2).strip())
         return EnvStep(observation=self.output_template.format(output=output),
                        metrics={"tool_call": 1.0, "tool_ok": float(ok)})
+
+    def run_tool(self, name: str, argument: str) -> tuple[str, bool]:
+        """(output, ok) of one tool call."""
+        if name not in self.tools:
+            return f"unknown tool {name!r}; tools: {', '.join(self.tools)}", False
+        if name == "calc":
+            try:
+                return format_number(safe_eval(argument)), True
+            except ValueError as exc:
+                return f"error: {exc}", False
+        return run_python(argument, self.wall_time_s, self.max_output_chars)
+
+    def demonstration(self, record: dict[str, Any]) -> list[tuple[str, bool]]:
+        """The oracle episode on ``record`` as (text, written_by_model) segments, for an SFT
+        cold start on tool use (train/sft.py with an ``env:`` section):
+
+            [("<tool>python: print(12+34)</tool>", True), ("<output>46</output>", False),
+             ("46", True)]
+
+        The call runs the record's ``program`` (Python that prints the answer) with the python
+        tool, else prints ``record["expression"]`` or the prompt without its trailing "=" (the
+        ``addition`` task's "12+34=") with the python tool, or the calc tool when python is not
+        offered. The tool really runs (the sandbox for python), and the observation is its real
+        output. ValueError naming the record's prompt when the call fails or the output's last
+        line is not ``record["answer"]``: the demonstration would teach a wrong answer.
+        """
+        if "answer" not in record:
+            raise KeyError("record: a demonstration needs an 'answer' field")
+        answer = str(record["answer"]).strip()
+        where = f"record {record['prompt']!r}"
+        if "program" in record:
+            if "python" not in self.tools:
+                raise ValueError(f"{where}: its 'program' needs the python tool; env.kwargs.tools "
+                                 f"is {list(self.tools)}")
+            name, argument = "python", str(record["program"]).strip()
+        else:
+            expression = str(record.get("expression", record["prompt"].strip().removesuffix("=")))
+            name, argument = (("python", f"print({expression})") if "python" in self.tools
+                              else ("calc", expression))
+        output, ok = self.run_tool(name, argument)
+        lines = output.strip().splitlines()
+        if not ok or not lines or lines[-1].strip() != answer:
+            raise ValueError(f"{where}: the {name} tool gave {output!r} (ok={ok}), whose last "
+                             f"line is not the answer {answer!r}")
+        return [(f"<tool>{name}: {argument}</tool>", True),
+                (self.output_template.format(output=output), False),
+                (answer, True)]

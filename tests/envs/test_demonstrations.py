@@ -51,9 +51,35 @@ def test_demonstration_share_mixes_in_plain_answers():
 
 
 def test_an_environment_without_demonstrations_is_refused_by_name():
-    config = EnvConfig(name="python_tool")
-    with pytest.raises(ValueError, match="env.name: 'python_tool' has no demonstration"):
+    config = EnvConfig(name="psirl.envs.calculator:ToolCallEnv")  # reset/step, no demonstration
+    with pytest.raises(ValueError, match="env.name: 'psirl.envs.calculator:ToolCallEnv' has no "
+                                         "demonstration"):
         demonstration_examples(config, [{"prompt": "p", "answer": "1"}])
+
+
+def test_python_tool_demonstration_runs_the_tool_and_replays():
+    """The python tool's oracle episode: the call really runs in the sandbox, the observation is
+    its output, and the episode replays to reward 1; a program whose output is not the answer,
+    and a program without the python tool, are refused naming the record."""
+    from psirl.envs.python_tool import PythonToolEnv
+
+    env = PythonToolEnv()
+    record = {"prompt": "12+34=", "answer": "46"}
+    segments = env.demonstration(record)
+    assert segments == [("<tool>python: print(12+34)</tool>", True),
+                        ("<output>46</output>", False), ("46", True)]
+    env.reset(record)
+    assert env.step(segments[0][0]).observation == segments[1][0]
+    assert env.step(segments[2][0]).reward == 1.0
+    program = {"prompt": "Sum of squares 1..20?", "answer": "2870",
+               "program": "print(sum(i * i for i in range(1, 21)))"}
+    assert env.demonstration(program)[1] == ("<output>2870</output>", False)
+    with pytest.raises(ValueError, match="'Sum of squares 1..20\\?'.*not the answer '2871'"):
+        env.demonstration({**program, "answer": "2871"})
+    assert PythonToolEnv(tools=["calc"]).demonstration(record)[0] == ("<tool>calc: 12+34</tool>",
+                                                                        True)
+    with pytest.raises(ValueError, match="needs the python tool"):
+        PythonToolEnv(tools=["calc"]).demonstration(program)
 
 
 def test_addition_terms():
