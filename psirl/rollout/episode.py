@@ -233,18 +233,17 @@ def run_episodes(
     # Episode j of record i samples all its turns from one stream, seeded as row j of record i
     # in plain generation (so one turn is plain generation): the same episode whatever other
     # episodes are still live or share the call.
-    record_seeds = call_seeds(params, len(records))
+    seeds = iter(row_seeds(call_seeds(params, len(records)), params.n))
     episodes: list[_Episode] = []
     prompts: list[str] = []
-    for record, record_seed in zip(records, record_seeds, strict=True):
-        for j in range(params.n):
+    for record in records:
+        for _ in range(params.n):
             t0 = time.perf_counter()
             env = make_env()
             prompt = env.reset(record)
             env_time += time.perf_counter() - t0
             prompts.append(prompt)
-            episodes.append(_Episode(env=env, context=[], prompt_len=0,
-                                     seed=row_seeds((record_seed,), params.n)[j]))
+            episodes.append(_Episode(env=env, context=[], prompt_len=0, seed=next(seeds)))
     prompt_ids = _encode_prompts(engine, tokenizer, prompts)
     for ep, ids in zip(episodes, prompt_ids, strict=True):
         ep.context, ep.prompt_len = list(ids), len(ids)

@@ -106,6 +106,21 @@ def _preference_config(loss: str, output_dir: Path, tiny_dir: Path, pairs: Path)
             "checkpoint": {"every": 0}}
 
 
+def torchrun_2(*args: str) -> list[str]:
+    """``python -m torch.distributed.run`` with 2 local processes on a free port, then args."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+            "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    """This process's environment without its own rank variables, 1 thread per rank, gloo on
+    the loopback interface."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return env
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Launch the 2-rank worker once; return (data, tiny_dir, run_dir, [rank0, rank1] results)."""
@@ -133,13 +148,9 @@ def two_ranks(tmp_path_factory):
     for loss in ("dpo", "kto"):
         (root / f"{loss}.yaml").write_text(yaml.safe_dump(
             _preference_config(loss, root / f"{loss}_2ranks", tiny_dir, pairs)))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
-           str(root / "data.pt"), str(tiny_dir), str(root / "cfg.yaml"), str(root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun_2(str(WORKER), str(root / "data.pt"), str(tiny_dir), str(root / "cfg.yaml"),
+                     str(root))
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return data, tiny_dir, run_dir, results

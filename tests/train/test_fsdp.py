@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 from dist_worker import policy_knobs
 from fsdp_worker import GRAD_CLIP, LORA, OPTIM
 from safetensors.torch import load_file
-from test_distributed import ALPHABET, _free_port, _make_data
+from test_distributed import ALPHABET, _make_data, torchrun_2, torchrun_env
 
 from psirl.core.aggregate import AGGREGATION_MODES, step_normaliser
 from psirl.core.objective import policy_loss
@@ -68,18 +67,6 @@ def _grpo_config(output_dir: Path, tiny_dir: Path) -> dict:
             "distributed": {"strategy": "fsdp"}}
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-            "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-
-
-def _torchrun_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    return env
-
-
 def _dapo_config(output_dir: Path, tiny_dir: Path) -> dict:
     """DAPO (dynamic sampling): a reward that about a third of the tiny model's samples meet
     (first character 0-4 of ALPHABET), so some groups have no signal and are replaced by
@@ -106,7 +93,7 @@ def fsdp_ranks(tmp_path_factory):
     (root / "sft.yaml").write_text(yaml.safe_dump(_sft_config(root / "sft")))
     (root / "grpo.yaml").write_text(yaml.safe_dump(_grpo_config(root / "grpo", tiny_dir)))
     (root / "dapo.yaml").write_text(yaml.safe_dump(_dapo_config(root / "dapo", tiny_dir)))
-    proc = subprocess.run(_torchrun(str(WORKER), str(root)), env=_torchrun_env(),
+    proc = subprocess.run(torchrun_2(str(WORKER), str(root)), env=torchrun_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root, data, tiny_dir, torch.load(root / "fsdp_rank0.pt", weights_only=False)
@@ -328,8 +315,8 @@ def test_sharded_grpo_run_killed_midway_resumes_in_one_process(fsdp_ranks, tmp_p
     run_dir = tmp_path / "killed"
     config = tmp_path / "grpo.yaml"
     config.write_text(yaml.safe_dump(_grpo_config(run_dir, tiny_dir) | {"max_steps": 3}))
-    proc = subprocess.Popen(_torchrun("-m", "psirl.cli", "train", str(config), "--quiet"),
-                            env=_torchrun_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun_2("-m", "psirl.cli", "train", str(config), "--quiet"),
+                            env=torchrun_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
